@@ -1,0 +1,164 @@
+"""Challenge metrics (synth7t.metrics) and the synth7t-eval command."""
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from skimage.metrics import structural_similarity
+
+from synth7t import metrics as M
+from synth7t.commands import evaluate
+
+SHAPE = (20, 24, 16)
+
+
+def _rand(seed, shape=SHAPE):
+    return np.random.default_rng(seed).random(shape, dtype=np.float64).astype(np.float32)
+
+
+def test_nrmse_matches_numpy():
+    gt, pred = _rand(0), _rand(1)
+    ref = np.sqrt(np.sum((pred.astype(np.float64) - gt.astype(np.float64)) ** 2)) / np.sqrt(
+        np.sum(gt.astype(np.float64) ** 2))
+    assert abs(M.nrmse(pred, gt) - ref) < 1e-9
+
+
+def test_ssim_matches_skimage_slicewise():
+    gt, pred = _rand(2), _rand(3)
+    gt[:, :, 3] = 0.25  # a constant ground-truth slice is skipped
+    g, p = gt.astype(np.float64), pred.astype(np.float64)
+    dr = g.max() - g.min()
+    vals = [structural_similarity(p[:, :, k], g[:, :, k], data_range=dr)
+            for k in range(g.shape[2]) if k != 3]
+    assert abs(M.ssim(pred, gt) - float(np.mean(vals))) < 1e-9
+
+
+def test_psnr_definition():
+    gt, pred = _rand(4), _rand(5)
+    g, p = gt.astype(np.float64), pred.astype(np.float64)
+    ref = 10 * np.log10((g.max() - g.min()) ** 2 / np.mean((p - g) ** 2))
+    assert abs(M.psnr(pred, gt) - ref) < 1e-9
+
+
+def test_identical_volumes():
+    gt = _rand(6)
+    assert M.nrmse(gt, gt) == 0.0
+    assert M.ssim(gt, gt) == pytest.approx(1.0, abs=1e-12)
+    assert M.psnr(gt, gt) == float("inf")
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shape"):
+        M.nrmse(_rand(0), _rand(0, (4, 4, 4)))
+
+
+def _phantom(shape=(40, 44, 36), seed=0):
+    """A smooth sphere brain: WM core, GM shell, CSF rim (T1w-like intensities)."""
+    z, y, x = np.indices(shape)
+    c = np.array(shape) / 2
+    r = np.sqrt(((z - c[0]) / c[0]) ** 2 + ((y - c[1]) / c[1]) ** 2 + ((x - c[2]) / c[2]) ** 2)
+    vol = np.zeros(shape, np.float32)
+    vol[r < 0.9] = 0.3   # CSF
+    vol[r < 0.75] = 0.6  # GM
+    vol[r < 0.5] = 0.95  # WM
+    vol += (np.random.default_rng(seed).normal(0, 0.02, shape) * (vol > 0)).astype(np.float32)
+    return np.clip(vol, 0, 1)
+
+
+def test_tissue_dice_identical_and_degraded():
+    gt = _phantom()
+    same = M.tissue_dice(gt, gt)
+    assert all(same[t] == 1.0 for t in ("CSF", "GM", "WM"))
+    flat = np.where(gt > 0, 0.5, 0).astype(np.float32)  # contrast destroyed
+    worse = M.tissue_dice(flat + 1e-3 * _rand(9, gt.shape) * (gt > 0), gt)
+    assert worse["mean"] < 0.8
+
+
+def test_lpips_absent_and_present(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.delenv("SYNTH7T_LPIPS_WEIGHTS", raising=False)
+    assert M.find_lpips_weights(tmp_path) is None
+    # Random weights in the on-disk formats (torchvision AlexNet + lpips v0.1 linear layers)
+    net = M._build_lpips_net()
+    torch.save({f"features.{k}": v for k, v in net.features.state_dict().items()},
+               tmp_path / M.ALEXNET_FILE)
+    torch.save({f"lin{k}.model.1.weight": net.lins[k].weight.detach().abs()
+                for k in range(5)}, tmp_path / M.LPIPS_LIN_FILE)
+    model = M.LPIPS.from_local(tmp_path)
+    assert model is not None
+    a, b = _rand(1, (64, 64, 3)), _rand(2, (64, 64, 3))
+    assert model(a, a) == pytest.approx(0.0, abs=1e-7)
+    assert model(a, b) > 0
+
+
+def _save(arr, path, affine=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.Nifti1Image(arr.astype(np.float32), np.diag([0.5, 0.5, 0.5, 1]) if affine is None
+                    else affine).to_filename(str(path))
+
+
+def test_cli_writes_csv_and_json(tmp_path, capsys):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    rng = np.random.default_rng(0)
+    expected = set()
+    for mod in ("T1W", "T2W"):
+        for src in ("0.1T", "3T"):
+            for cid in ("0001", "0002"):
+                truth = _phantom(seed=int(cid))
+                noisy = np.clip(truth + rng.normal(0, 0.05, truth.shape) * (truth > 0), 0, 1)
+                _save(noisy, pred / mod / f"{src}_to_7T" / "pred" / f"P_{mod}_7T_{cid}.nii.gz")
+                _save(truth, gt / mod / f"{src}_to_7T" / "gt" / f"P_{mod}_7T_{cid}.nii.gz")
+                expected.add((mod, src, cid))
+    # an extra prediction without ground truth is reported, not scored
+    _save(_phantom(), pred / "T1W" / "5T_to_7T" / "pred" / "P_T1W_7T_0009.nii.gz")
+    out = tmp_path / "out"
+    rc = evaluate.main([str(pred), str(gt), "-o", str(out)])
+    assert rc == 0
+    text = capsys.readouterr()
+    assert "not computed: weights absent" in text.out
+    assert "P_T1W_7T_0009" in text.err
+    with open(out / "per_case.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["modality"], r["source_field"], r["case"]) for r in rows} == expected
+    for r in rows:
+        assert 0 < float(r["nrmse"]) < 0.5 and 0 < float(r["ssim"]) < 1
+        assert r["lpips"] == "" and float(r["dice_mean"]) > 0.5
+        # each row's value equals a direct computation on that pair
+    r0 = rows[0]
+    p0, g0 = M.load_volume(r0["pred"]), M.load_volume(r0["gt"])
+    assert abs(float(r0["nrmse"]) - M.nrmse(p0, g0)) < 1e-12
+    with open(out / "summary.csv") as fh:
+        summ = list(csv.DictReader(fh))
+    keys = {(s["modality"], s["source_field"]) for s in summ}
+    assert {("T1W", "0.1T"), ("T1W", "3T"), ("T2W", "0.1T"), ("T2W", "3T"),
+            ("T1W", "all"), ("all", "3T"), ("all", "all")} <= keys
+    overall = next(s for s in summ if s["modality"] == "all" and s["source_field"] == "all")
+    assert int(overall["n"]) == 8
+    assert float(overall["nrmse_mean"]) == pytest.approx(np.mean([float(r["nrmse"]) for r in rows]))
+    js = json.loads((out / "metrics.json").read_text())
+    assert js["n_pairs"] == 8 and js["lpips_status"] == M.LPIPS_ABSENT
+    assert js["tissue_dice_is_proxy"] is True
+    assert len(js["unmatched_predictions"]) == 1
+
+
+def test_cli_bids_naming_and_flat_gt(tmp_path):
+    pred, gt = tmp_path / "deriv", tmp_path / "gt7t"
+    truth = _phantom()
+    _save(truth, gt / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    _save(truth * 0.9, pred / "sub-01" / "anat" / "sub-01_space-MRIxFields_desc-synth7T_T1w.nii.gz")
+    (pred / "sub-01" / "anat" / "sub-01_space-MRIxFields_desc-synth7T_T1w.json").write_text(
+        json.dumps({"SourceFieldBin": 3.0}))
+    rc = evaluate.main([str(pred), str(gt), "-o", str(tmp_path / "o"), "--tissue-method", "none"])
+    assert rc == 0
+    rows = list(csv.DictReader(open(tmp_path / "o" / "per_case.csv")))
+    assert len(rows) == 1 and rows[0]["source_field"] == "3T" and rows[0]["case"] == "sub-01"
+    assert float(rows[0]["nrmse"]) == pytest.approx(0.1, rel=1e-5)
+
+
+def test_cli_nothing_matches(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert evaluate.main([str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "o")]) == 66
