@@ -1,0 +1,121 @@
+"""Write model artifacts and registry files (shipped ``synth7t/models`` or a ``--model-dir``).
+
+Run ``python -m synth7t.export baseline`` to regenerate the shipped baseline parameters, its
+card and the baseline entries of ``synth7t/models/registry.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .baseline import table_params, write_params
+from .fields import CONTRASTS, SUPPORTED_BINS
+from .registry import MODELS_DIR, REGISTRY_FILE, SCHEMA, sha256_file
+
+BASELINE_PARAMS = "baseline_params.json"
+BASELINE_CARD = "baseline_card.json"
+BASELINE_VERSION = "1.0.0"
+
+
+def _dump(obj: dict, path: Path) -> Path:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def read_registry(folder: Path) -> list[dict]:
+    """Raw entries of ``folder/registry.json`` (empty list if absent)."""
+    path = folder / REGISTRY_FILE
+    if not path.is_file():
+        return []
+    return list(json.loads(path.read_text()).get("models", []))
+
+
+def write_registry(folder: Path, entries: list[dict]) -> Path:
+    """Write ``folder/registry.json`` with entries sorted by (name, contrast, field bin)."""
+    entries = sorted(entries, key=lambda e: (e["name"], CONTRASTS.index(e["contrast"]),
+                                             float(e["field_bin"])))
+    return _dump({"schema": SCHEMA, "models": entries}, folder / REGISTRY_FILE)
+
+
+def merge_entries(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with entries of the same (name, contrast, field bin) replaced by ``new``."""
+    key = lambda e: (e["name"], e["contrast"], float(e["field_bin"]))  # noqa: E731
+    table = {key(e): e for e in old}
+    table.update({key(e): e for e in new})
+    return list(table.values())
+
+
+def baseline_entries(folder: Path, *, names: tuple[str, ...] = ("baseline",),
+                     note: str | None = None) -> list[dict]:
+    """Registry entries for the baseline parameters file in ``folder`` for all 12 pairs."""
+    sha = sha256_file(folder / BASELINE_PARAMS)
+    out = []
+    for name in names:
+        for c in CONTRASTS:
+            for b in SUPPORTED_BINS:
+                e = {"name": name, "kind": "baseline", "contrast": c, "field_bin": b,
+                     "version": BASELINE_VERSION, "file": BASELINE_PARAMS, "sha256": sha,
+                     "card": BASELINE_CARD}
+                if note and name != "baseline":
+                    e["note"] = note
+                out.append(e)
+    return out
+
+
+def write_baseline(folder: Path = MODELS_DIR, params: dict | None = None, *,
+                   metrics: dict | None = None, default_to_baseline: bool = False) -> list[dict]:
+    """Write the baseline parameters, its model card and registry entries into ``folder``.
+
+    Parameters
+    ----------
+    folder
+        Target folder (the shipped ``synth7t/models`` by default).
+    params
+        Baseline parameters; defaults to :func:`synth7t.baseline.table_params`.
+    metrics
+        Validation metrics for the card (from ``benchmarks/bench_quality.py``).
+    default_to_baseline
+        Also point the ``default`` entries at the baseline (until a deep model ships).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    params = params or table_params()
+    write_params(params, folder / BASELINE_PARAMS)
+    card_path = folder / BASELINE_CARD
+    old_card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    card = {
+        "Name": "baseline",
+        "Kind": "baseline",
+        "Version": BASELINE_VERSION,
+        "Description": ("baseline: non-deep per-tissue intensity mapping to 7T (deterministic "
+                        "3-class 1-D k-means of the in-mask source intensities, clusters named "
+                        "CSF/GM/WM by the expected source contrast order, piecewise-linear map of "
+                        "the class medians onto the normalised 7T tissue intensities)"),
+        "TrainingData": "none (no learning); 7T tissue targets from "
+                        + params.get("targets_source", "the FIELD_PHYSICS.md tables"),
+        "Derivation": params.get("derivation", ""),
+        "Metrics": metrics if metrics is not None else old_card.get("Metrics", {}),
+        "SHA256": sha256_file(folder / BASELINE_PARAMS),
+        "File": BASELINE_PARAMS,
+    }
+    _dump(card, card_path)
+    names = ("baseline", "default") if default_to_baseline else ("baseline",)
+    new = baseline_entries(folder, names=names,
+                           note="default points to the non-deep baseline until a trained "
+                                "model ships")
+    write_registry(folder, merge_entries(read_registry(folder), new))
+    return new
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m synth7t.export")
+    parser.add_argument("what", choices=["baseline"])
+    parser.add_argument("--folder", type=Path, default=MODELS_DIR)
+    parser.add_argument("--default-to-baseline", action="store_true")
+    args = parser.parse_args(argv)
+    write_baseline(args.folder, default_to_baseline=args.default_to_baseline)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

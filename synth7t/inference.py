@@ -1,0 +1,289 @@
+"""Inference: apply a registered model to a volume on the 0.5 mm reference grid.
+
+Small, type-hinted functions with an explicit device (MONAI style). The U-Net path slides over
+axial slices (array axis 2) in batches; each input is the stack of ``n_slices`` neighbouring
+slices (2.5D). Only the mask's bounding box (plus a margin, padded to a multiple of 16 in-plane)
+is processed, which skips most of the background. Inference is deterministic (no dropout, no
+random augmentation, deterministic algorithms requested while predicting) and memory bounded
+(one batch of slices in flight; the output is the only volume-sized allocation).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .baseline import tissue_map
+from .networks import UNet25D, UNetConfig, condition_vector
+from .registry import ModelEntry, ModelIntegrityError, safetensors_metadata
+
+#: In-plane sizes are padded to a multiple of this (4-level U-Net needs 8; 16 is safe for 5).
+PAD_MULTIPLE = 16
+#: Voxels of context kept around the mask's bounding box.
+MARGIN = 8
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turn ``"auto"``, ``"cpu"`` or ``"cuda"`` into a :class:`torch.device`.
+
+    ``"auto"`` picks CUDA when available, else CPU. Asking for CUDA on a machine without it raises
+    :class:`RuntimeError` rather than silently running on the CPU.
+    """
+    if isinstance(device, torch.device):
+        return device
+    spec = str(device).lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available; use --device cpu")
+    if spec == "cpu" or spec.startswith("cuda"):
+        return torch.device(spec)
+    raise ValueError(f"unknown device {device!r}; expected auto, cpu or cuda")
+
+
+def mask_bbox(mask: np.ndarray, *, margin: int = MARGIN,
+              multiple: int = PAD_MULTIPLE) -> tuple[slice, slice, slice] | None:
+    """Bounding box of ``mask`` with a margin; in-plane extents rounded up to ``multiple``.
+
+    The box may extend beyond the array (callers pad with zeros); ``None`` for an empty mask.
+    """
+    if not mask.any():
+        return None
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        lo, hi = int(idx[0]) - margin, int(idx[-1]) + 1 + margin
+        if axis < 2:
+            size = hi - lo
+            extra = (-size) % multiple
+            lo -= extra // 2
+            hi += extra - extra // 2
+        else:
+            lo, hi = max(lo, 0), min(hi, mask.shape[2])
+        box.append(slice(lo, hi))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def crop_padded(volume: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
+    """Crop ``volume`` to ``box``, zero-filling where the box leaves the array."""
+    shape = tuple(s.stop - s.start for s in box)
+    out = np.zeros(shape, dtype=np.float32)
+    src, dst = [], []
+    for s, n in zip(box, volume.shape):
+        a, b = max(s.start, 0), min(s.stop, n)
+        src.append(slice(a, b))
+        dst.append(slice(a - s.start, b - s.start))
+    out[tuple(dst)] = volume[tuple(src)]
+    return out
+
+
+def paste_cropped(crop: np.ndarray, box: tuple[slice, slice, slice],
+                  shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`crop_padded` into a zero volume of ``shape``."""
+    out = np.zeros(shape, dtype=np.float32)
+    src, dst = [], []
+    for s, n in zip(box, shape):
+        a, b = max(s.start, 0), min(s.stop, n)
+        dst.append(slice(a, b))
+        src.append(slice(a - s.start, b - s.start))
+    out[tuple(dst)] = crop[tuple(src)]
+    return out
+
+
+def slice_stack(volume: np.ndarray, z: int, n_slices: int) -> np.ndarray:
+    """``n_slices`` axial slices centred on ``z`` as channels ``(n_slices, X, Y)``.
+
+    Out-of-range neighbours repeat the edge slice (the same rule as in training).
+    """
+    half = n_slices // 2
+    idx = np.clip(np.arange(z - half, z + half + 1), 0, volume.shape[2] - 1)
+    return np.moveaxis(volume[:, :, idx], 2, 0)
+
+
+def iter_batches(zs: list[int], batch_size: int) -> Iterator[list[int]]:
+    """Consecutive chunks of ``zs``."""
+    for i in range(0, len(zs), batch_size):
+        yield zs[i:i + batch_size]
+
+
+@contextlib.contextmanager
+def torch_runtime(threads: int | None = None) -> Iterator[None]:
+    """Set the torch thread count and deterministic mode for a block, restoring both after."""
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        if threads:
+            torch.set_num_threads(int(threads))
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+
+
+def _prepare_mask(volume: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    if mask is None:
+        return volume > 0
+    mask = np.asarray(mask).astype(bool)
+    if mask.shape != volume.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from volume shape {volume.shape}")
+    return mask
+
+
+class Synthesizer:
+    """A loaded model; :meth:`predict` maps a source volume to a 7T-like volume."""
+
+    entry: ModelEntry | None = None
+
+    def predict(self, volume: np.ndarray, mask: np.ndarray | None = None, *,
+                others: dict[str, np.ndarray] | None = None, batch_size: int = 4,
+                tta: bool = False, threads: int | None = None) -> np.ndarray:
+        """Synthesise a 7T-like volume.
+
+        Parameters
+        ----------
+        volume
+            Source image, float32 in [0, 1], on the reference grid (any 3D shape works).
+        mask
+            Brain mask; defaults to ``volume > 0``.
+        others
+            Other contrasts (name -> volume, same grid) for multi-contrast models; ignored by
+            models that do not use them, missing ones are zero-filled.
+        batch_size
+            Axial slices per forward pass (memory bound).
+        tta
+            Average with the left-right flipped prediction.
+        threads
+            torch intra-op threads for this call (restored afterwards).
+
+        Returns
+        -------
+        np.ndarray
+            float32 in [0, 1], exactly 0 outside ``mask``.
+        """
+        raise NotImplementedError
+
+
+class BaselineSynthesizer(Synthesizer):
+    """Non-deep per-tissue intensity mapping (:mod:`synth7t.baseline`)."""
+
+    def __init__(self, params: dict, *, entry: ModelEntry | None = None,
+                 contrast: str | None = None, field_bin: float | None = None) -> None:
+        self.params = params
+        self.entry = entry
+        self.contrast = contrast or (entry.contrast if entry else None)
+        self.field_bin = field_bin if field_bin is not None else (entry.field_bin if entry else None)
+        if self.contrast is None or self.field_bin is None:
+            raise ValueError("BaselineSynthesizer needs a contrast and a field bin")
+
+    def predict(self, volume: np.ndarray, mask: np.ndarray | None = None, *,
+                others: dict[str, np.ndarray] | None = None, batch_size: int = 4,
+                tta: bool = False, threads: int | None = None) -> np.ndarray:
+        volume = np.asarray(volume, dtype=np.float32)
+        mask = _prepare_mask(volume, mask)
+        return tissue_map(volume, mask, self.contrast, self.field_bin, self.params)
+
+
+class UNetSynthesizer(Synthesizer):
+    """Conditioned 2.5D U-Net (:class:`synth7t.networks.UNet25D`)."""
+
+    def __init__(self, net: UNet25D, *, contrast: str, field_bin: float,
+                 entry: ModelEntry | None = None, device: torch.device | str = "cpu") -> None:
+        self.device = resolve_device(device)
+        self.net = net.eval().to(self.device, memory_format=torch.channels_last)
+        self.config: UNetConfig = net.config
+        self.contrast = contrast
+        self.field_bin = field_bin
+        self.entry = entry
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, entry: ModelEntry,
+                   device: torch.device | str = "cpu") -> "UNetSynthesizer":
+        """Build from verified safetensors bytes (see :func:`synth7t.registry.read_verified`)."""
+        from safetensors.torch import load as st_load
+
+        meta = safetensors_metadata(data)
+        if "config" not in meta:
+            raise ModelIntegrityError(f"{entry.file}: safetensors metadata lacks the network config")
+        net = UNet25D(UNetConfig.from_json(meta["config"]))
+        try:
+            net.load_state_dict(st_load(data), strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise ModelIntegrityError(f"{entry.file}: weights do not fit the network ({first})") from None
+        return cls(net, contrast=entry.contrast, field_bin=entry.field_bin, entry=entry,
+                   device=device)
+
+    def _inputs(self, volume: np.ndarray, others: dict[str, np.ndarray], zs: list[int]) -> np.ndarray:
+        n = self.config.n_slices
+        chans = []
+        for z in zs:
+            stack = [slice_stack(volume, z, n)]
+            for name in self.config.others:
+                stack.append(others[name][None, :, :, z])
+            chans.append(np.concatenate(stack, axis=0))
+        return np.stack(chans)
+
+    def predict(self, volume: np.ndarray, mask: np.ndarray | None = None, *,
+                others: dict[str, np.ndarray] | None = None, batch_size: int = 4,
+                tta: bool = False, threads: int | None = None) -> np.ndarray:
+        volume = np.asarray(volume, dtype=np.float32)
+        mask = _prepare_mask(volume, mask)
+        box = mask_bbox(mask)
+        if box is None:
+            return np.zeros(volume.shape, dtype=np.float32)
+        src = crop_padded(volume * mask, box)
+        oth = {}
+        for name in self.config.others:
+            arr = (others or {}).get(name)
+            oth[name] = (crop_padded(np.asarray(arr, dtype=np.float32) * mask, box)
+                         if arr is not None else np.zeros_like(src))
+        cmask = crop_padded(mask.astype(np.float32), box) > 0
+        out = np.zeros(src.shape, dtype=np.float32)
+        zs = [z for z in range(src.shape[2]) if cmask[:, :, z].any()]
+        cond1 = condition_vector(self.contrast, self.field_bin).to(self.device)
+        with torch_runtime(threads), torch.inference_mode():
+            for chunk in iter_batches(zs, max(1, int(batch_size))):
+                x = torch.from_numpy(self._inputs(src, oth, chunk)).to(self.device)
+                x = x.contiguous(memory_format=torch.channels_last)
+                cond = cond1.expand(len(chunk), -1)
+                y = self.net(x, cond)
+                if tta:
+                    # Left-right flip (array axis 0 -> tensor dim 2) is anatomically plausible.
+                    y = 0.5 * (y + self.net(torch.flip(x, dims=(2,)), cond).flip(dims=(2,)))
+                y = y[:, 0].float().cpu().numpy()
+                for i, z in enumerate(chunk):
+                    out[:, :, z] = y[i]
+        out = paste_cropped(out, box, volume.shape)
+        out[~mask] = 0.0
+        return np.clip(out, 0.0, 1.0, out=out)
+
+
+def save_unet(net: UNet25D, path, *, extra_metadata: dict[str, str] | None = None) -> str:
+    """Save ``net`` as safetensors with its config in the metadata; returns the SHA-256."""
+    from safetensors.torch import save_file
+
+    from .registry import sha256_file
+
+    meta = {"config": net.config.to_json(), "format": "pt"}
+    meta.update(extra_metadata or {})
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(path), metadata=meta)
+    return sha256_file(path)
+
+
+__all__ = ["resolve_device", "mask_bbox", "crop_padded", "paste_cropped", "slice_stack",
+           "torch_runtime", "Synthesizer", "BaselineSynthesizer", "UNetSynthesizer", "save_unet",
+           "load_synthesizer"]
+
+
+def load_synthesizer(entry: ModelEntry, *, device: str = "cpu") -> Synthesizer:
+    """Re-export of :func:`synth7t.registry.load_synthesizer`."""
+    from .registry import load_synthesizer as _load
+
+    return _load(entry, device=device)
+

@@ -1,0 +1,214 @@
+"""Networks for field-to-7T synthesis.
+
+Two architectures live here:
+
+* :class:`UNet25D`, the shipped model: a compact 2.5D U-Net (4 levels, base 16 channels,
+  ~0.5 M parameters). Its input is ``n_slices`` neighbouring axial slices of the source
+  contrast (plus, optionally, the centre slices of other contrasts); it is conditioned on the
+  source field bin and the contrast with FiLM so that **one** network serves all 12
+  (contrast, field) pairs. It predicts a residual that is added to the centre slice and clamped
+  to [0, 1].
+* :class:`ResnetGenerator`, the architecture of the official MRIxFields2026 CUT/CycleGAN
+  baseline generator (reflection-padded 7x7 stem, two stride-2 downsamplings, 9 residual blocks,
+  64 filters, instance norm, two transposed-convolution upsamplings, tanh). It is used only as a
+  peer in benchmarks; written here from the published description, not copied.
+
+Both take ``(B, C, H, W)`` tensors and work in ``channels_last`` memory format.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .fields import CONTRASTS, SUPPORTED_BINS
+
+#: Size of the conditioning vector: one-hot field bin + one-hot contrast.
+N_COND = len(SUPPORTED_BINS) + len(CONTRASTS)
+
+
+def condition_vector(contrast: str, field_bin: float) -> torch.Tensor:
+    """One-hot conditioning for ``(contrast, field_bin)``, shape ``(N_COND,)``.
+
+    Parameters
+    ----------
+    contrast
+        BIDS suffix, one of :data:`synth7t.fields.CONTRASTS`.
+    field_bin
+        Source field bin, one of :data:`synth7t.fields.SUPPORTED_BINS`.
+    """
+    vec = torch.zeros(N_COND, dtype=torch.float32)
+    fidx = min(range(len(SUPPORTED_BINS)), key=lambda i: abs(SUPPORTED_BINS[i] - float(field_bin)))
+    if abs(SUPPORTED_BINS[fidx] - float(field_bin)) > 1e-3:
+        raise ValueError(f"field bin {field_bin!r} is not one of {SUPPORTED_BINS}")
+    if contrast not in CONTRASTS:
+        raise ValueError(f"contrast {contrast!r} is not one of {CONTRASTS}")
+    vec[fidx] = 1.0
+    vec[len(SUPPORTED_BINS) + CONTRASTS.index(contrast)] = 1.0
+    return vec
+
+
+@dataclass
+class UNetConfig:
+    """Hyper-parameters of :class:`UNet25D`; stored in the weights' metadata and model card."""
+
+    arch: str = "unet25d"
+    n_slices: int = 5
+    #: Other contrasts fed as extra channels (centre slice only); empty for single-contrast models.
+    others: list[str] = field(default_factory=list)
+    base: int = 16
+    levels: int = 4
+    n_cond: int = N_COND
+
+    @property
+    def in_channels(self) -> int:
+        return self.n_slices + len(self.others)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "UNetConfig":
+        data = json.loads(text)
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+class _FiLMBlock(nn.Module):
+    """conv-act-conv-act with a per-channel FiLM affine (from the conditioning) after the first conv.
+
+    No normalisation layer: batch/instance statistics would differ between 128x128 training
+    patches and whole cropped slices at inference, while plain convolutions are crop-invariant.
+    """
+
+    def __init__(self, cin: int, cout: int, n_cond: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.film = nn.Linear(n_cond, 2 * cout)
+        # Start as identity FiLM so conditioning is learned as a perturbation.
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x)
+        gamma, beta = self.film(cond).chunk(2, dim=1)
+        h = h * (1.0 + gamma[:, :, None, None]) + beta[:, :, None, None]
+        h = F.leaky_relu(h, 0.1)
+        return F.leaky_relu(self.conv2(h), 0.1)
+
+
+class UNet25D(nn.Module):
+    """Conditioned 2.5D U-Net predicting a residual on the centre slice.
+
+    Parameters
+    ----------
+    config
+        :class:`UNetConfig`.
+
+    Notes
+    -----
+    ``forward(x, cond)``: ``x`` is ``(B, in_channels, H, W)`` with the ``n_slices`` source slices
+    first (centre slice at index ``n_slices // 2``), ``cond`` is ``(B, N_COND)``. ``H`` and ``W``
+    must be multiples of ``2 ** (levels - 1)``. Output ``(B, 1, H, W)`` in [0, 1].
+    """
+
+    def __init__(self, config: UNetConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or UNetConfig()
+        c = self.config
+        widths = [c.base * 2 ** i for i in range(c.levels)]
+        self.down = nn.ModuleList()
+        cin = c.in_channels
+        for w in widths:
+            self.down.append(_FiLMBlock(cin, w, c.n_cond))
+            cin = w
+        self.up = nn.ModuleList()
+        self.upconv = nn.ModuleList()
+        for w in reversed(widths[:-1]):
+            self.upconv.append(nn.ConvTranspose2d(cin, w, 2, stride=2))
+            self.up.append(_FiLMBlock(2 * w, w, c.n_cond))
+            cin = w
+        self.head = nn.Conv2d(cin, 1, 1)
+        # A zero head makes the untrained network the identity map (copy-input), a sane start.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        centre = x[:, self.config.n_slices // 2: self.config.n_slices // 2 + 1]
+        skips = []
+        h = x
+        for i, block in enumerate(self.down):
+            if i > 0:
+                h = F.max_pool2d(h, 2)
+            h = block(h, cond)
+            skips.append(h)
+        skips.pop()
+        for upconv, block in zip(self.upconv, self.up):
+            h = upconv(h)
+            h = block(torch.cat([h, skips.pop()], dim=1), cond)
+        return torch.clamp(centre + self.head(h), 0.0, 1.0)
+
+
+class _ResnetBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), nn.InstanceNorm2d(dim), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), nn.InstanceNorm2d(dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ResnetGenerator(nn.Module):
+    """ResNet image-to-image generator as in the MRIxFields2026 CUT/CycleGAN baseline.
+
+    Parameters
+    ----------
+    in_channels, out_channels
+        Image channels (1 for single-slice 2D translation).
+    ngf
+        Filters in the first layer (64 in the baseline).
+    n_blocks
+        Residual blocks at the bottleneck (9 in the baseline).
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, ngf: int = 64,
+                 n_blocks: int = 9) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7),
+                                   nn.InstanceNorm2d(ngf), nn.ReLU(True)]
+        mult = 1
+        for _ in range(2):
+            layers += [nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1),
+                       nn.InstanceNorm2d(ngf * mult * 2), nn.ReLU(True)]
+            mult *= 2
+        layers += [_ResnetBlock(ngf * mult) for _ in range(n_blocks)]
+        for _ in range(2):
+            layers += [nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1,
+                                          output_padding=1),
+                       nn.InstanceNorm2d(ngf * mult // 2), nn.ReLU(True)]
+            mult //= 2
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        # The baseline works in [-1, 1]; map in and out so it is a drop-in peer of UNet25D.
+        return (self.model(x * 2.0 - 1.0) + 1.0) / 2.0
+
+
+def build_network(config: UNetConfig) -> nn.Module:
+    """Instantiate the network described by ``config``."""
+    if config.arch != "unet25d":
+        raise ValueError(f"unknown architecture {config.arch!r}")
+    return UNet25D(config)
+
+
+def count_parameters(net: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
