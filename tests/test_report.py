@@ -1,0 +1,173 @@
+"""The per-participant HTML report (bids_app/report.py).
+
+The fast test builds a report from a small synthetic derivatives folder. The browser test
+opens it in headless Chromium (selenium + /usr/bin/chromedriver), checks that every image
+loaded and that the console has no SEVERE entries, and saves a screenshot under tmp_path.
+Point it at another report with ``SYNTH7T_REPORT=/path/sub-01.html``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+from bids_app.report import generate_report
+
+SHAPE = (40, 48, 40)
+
+
+def _blob(shape, zooms, affine_origin, seed):
+    """A head-like ellipsoid with a darker 'ventricle' and smooth texture; returns image+mask."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    r = np.sqrt((grid[0] / 0.7) ** 2 + (grid[1] / 0.8) ** 2 + (grid[2] / 0.7) ** 2)
+    mask = r < 1.0
+    vent = np.sqrt((grid[0] / 0.15) ** 2 + (grid[1] / 0.3) ** 2 + (grid[2] / 0.2) ** 2) < 1
+    data = np.where(mask, 600 + 150 * np.cos(6 * grid[0]) * np.sin(5 * grid[1]), 0.0)
+    data = data + np.where(mask, rng.normal(0, 20, shape), 0)
+    data[vent] = 200
+    aff = np.diag(list(zooms) + [1.0])
+    aff[:3, 3] = affine_origin
+    return (nb.Nifti1Image(data.astype(np.float32), aff),
+            nb.Nifti1Image(mask.astype(np.uint8), aff))
+
+
+def make_derivatives(out_dir: Path, label: str = "01", contrasts=("T1w", "FLAIR")) -> dict:
+    """A small derivatives folder and the run_info that the BIDS App would pass."""
+    anat = out_dir / f"sub-{label}" / "anat"
+    anat.mkdir(parents=True, exist_ok=True)
+    inputs = []
+    # reference space stand-in: 2 mm, MNI-like origin (the real one is 0.5 mm 364x436x364)
+    ref_img, ref_mask = _blob((46, 54, 46), (2, 2, 2), (-46, -62, -40), seed=1)
+    nb.save(ref_mask, out_dir / "tpl_desc-brain_mask.nii.gz")
+    for k, contrast in enumerate(contrasts):
+        img, mask = _blob(SHAPE, (1.5, 1.5, 1.5), (-30, -36, -30), seed=10 + k)
+        names = {
+            "preproc": f"sub-{label}_desc-preproc_{contrast}.nii.gz",
+            "mask": f"sub-{label}_desc-brain_mask.nii.gz",
+            "ref_preproc": f"sub-{label}_space-MRIxFields_desc-preproc_{contrast}.nii.gz",
+            "synth": f"sub-{label}_space-MRIxFields_desc-synth7T_{contrast}.nii.gz",
+            "synth_native": f"sub-{label}_desc-synth7T_{contrast}.nii.gz",
+        }
+        rimg, rmask = _blob((46, 54, 46), (2, 2, 2), (-46, -62, -40), seed=20 + k)
+        synth = np.asanyarray(rimg.dataobj)
+        synth = np.where(np.asanyarray(rmask.dataobj) > 0, 1.2 * synth.max() - synth, 0)
+        synth = (synth / synth.max()).astype(np.float32)
+        nb.save(img, anat / names["preproc"])
+        nb.save(mask, anat / names["mask"])
+        nb.save(rimg, anat / names["ref_preproc"])
+        nb.save(nb.Nifti1Image(synth, rimg.affine), anat / names["synth"])
+        nb.save(img, anat / names["synth_native"])
+        inputs.append({
+            "contrast": contrast,
+            "session": None,
+            "source": f"sub-{label}/anat/sub-{label}_{contrast}.nii.gz",
+            "field": {"raw": 2.89, "bin": 3.0, "source": "sidecar", "passthrough": False},
+            "model": {"Name": "default" if k == 0 else "baseline",
+                      "Kind": "unet" if k == 0 else "baseline", "Version": "0.1.0",
+                      "SHA256": "ab" * 32, "File": f"{contrast}_3T.safetensors",
+                      "Description": "test model", "TrainingData": "simulated",
+                      "Metrics": {"validation": {"PSNR": 27.31, "SSIM": 0.8712}}},
+            "warnings": ["qform and sform disagree; used the sform"] if k == 0 else [],
+            "derivatives": {key: f"sub-{label}/anat/{name}" for key, name in names.items()},
+        })
+    now = dt.datetime.now(dt.timezone.utc)
+    return {
+        "participant": label,
+        "sessions": [],
+        "bids_dir": "/data/bids",
+        "output_dir": str(out_dir),
+        "command": ["synth7t", "/data/bids", str(out_dir), "participant"],
+        "options": {"random_seed": 0},
+        "start_time": (now - dt.timedelta(seconds=245)).isoformat(),
+        "end_time": now.isoformat(),
+        "versions": {"synth7t": "0.1.0"},
+        "reference": {"space": "MRIxFields", "mask": str(out_dir / "tpl_desc-brain_mask.nii.gz")},
+        "warnings": ["NaN voxels: 12 replaced by 0"],
+        "inputs": inputs,
+    }
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deriv")
+    run_info = make_derivatives(out)
+    return generate_report(out, "01", run_info), run_info
+
+
+def test_report_written(report):
+    path, run_info = report
+    assert path.name == "sub-01.html" and path.is_file()
+    text = path.read_text()
+    srcs = re.findall(r'<img[^>]* src="([^"]+)"', text)
+    # per contrast: mask, registration, three mosaics
+    assert len(srcs) == 5 * len(run_info["inputs"])
+    for src in srcs:
+        f = path.parent / src
+        assert f.is_file() and f.stat().st_size > 1000, src
+        assert f.parent == path.parent / "sub-01" / "figures"
+    for needle in ("2.89 T", "3 T", "sidecar", "ab" * 32, "baseline", "PSNR", "27.31",
+                   "qform and sform disagree", "NaN voxels", "4 min 05 s", "nibabel"):
+        assert needle in text, needle
+    assert "http://" not in text and "https://" not in text  # no network at view time
+    # no temp files left behind
+    assert not list(path.parent.rglob("*.tmp"))
+
+
+def test_report_survives_missing_derivatives(tmp_path):
+    run_info = {"participant": "02", "inputs": [
+        {"contrast": "T2w", "error": "sub-02_T2w.nii.gz: all-zero image",
+         "derivatives": {"preproc": "nope.nii.gz"}}]}
+    path = generate_report(tmp_path, "sub-02", run_info)
+    text = path.read_text()
+    assert path == tmp_path / "sub-02.html"
+    assert "all-zero image" in text and "Not available" in text
+
+
+def _chrome(tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    if not Path(driver_path).exists():
+        pytest.skip("chromedriver not installed (apt-get install chromium chromium-driver)")
+    opts = Options()
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run", "--window-size=1400,1000",
+                f"--user-data-dir={tmp_path / 'chrome-profile'}"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver_path), options=opts)
+
+
+@pytest.mark.browser
+def test_report_in_browser(report, tmp_path):
+    path = Path(os.environ.get("SYNTH7T_REPORT") or report[0])
+    driver = _chrome(tmp_path)
+    try:
+        driver.get(path.absolute().as_uri())
+        driver.execute_script("return document.readyState")
+        sizes = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.src, i.complete, i.naturalWidth])")
+        assert sizes, "the report has no images"
+        broken = [s for s in sizes if not s[1] or s[2] <= 0]
+        assert not broken, broken
+        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe
+        height = driver.execute_script("return document.body.scrollHeight")
+        driver.set_window_size(1400, min(int(height), 16000))
+        shot = tmp_path / f"{path.stem}.png"
+        assert driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10000
+        print(f"screenshot: {shot}")
+        (tmp_path / "images.json").write_text(json.dumps(sizes))
+    finally:
+        driver.quit()
