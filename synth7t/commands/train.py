@@ -1,0 +1,182 @@
+"""``synth7t-train``: train or fine-tune the conditioned 2.5D U-Net.
+
+Examples
+--------
+Shipped default (simulated ICBM152 pairs, all 12 pairs), see ``synth7t/models/TRAINING.md``::
+
+    synth7t-train --simulated --out /work/train_run --steps 6000 --threads 1 --seed 0
+
+Fine-tune the shipped model on a real MRIxFields tree, or on a BIDS dataset with a 7T session::
+
+    synth7t-train --init-from default --mrixfields /data/MRIxFields2026 --out ft --steps 500
+    synth7t-train --init-from default --bids /data/bids --out ft --steps 500
+
+The result in ``--out`` (``model.safetensors``, ``model_card.json``, ``registry.json``) is a
+``--model-dir`` for ``synth7t`` and ``synth7t-mrixfields``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="synth7t-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data (at least one; --simulated when none is given)")
+    d.add_argument("--simulated", action="store_true",
+                   help="pairs simulated on the fly from the ICBM152 anatomy")
+    d.add_argument("--mrixfields", type=Path, metavar="DIR",
+                   help="MRIxFields tree with paired P_ volumes (7T as target)")
+    d.add_argument("--mrixfields-split", nargs="+", default=["Training_prospective"])
+    d.add_argument("--bids", type=Path, metavar="DIR",
+                   help="BIDS dataset with lower-field and 7T sessions of the same participants")
+    d.add_argument("--bids-to-reference", action="store_true",
+                   help="also bring BIDS pairs into the 0.5 mm reference grid")
+    d.add_argument("--work-dir", type=Path, help="scratch for registered BIDS pairs "
+                   "(default OUT/work)")
+    d.add_argument("--contrasts", nargs="+", default=None, help="subset of T1w T2w FLAIR")
+    d.add_argument("--fields", nargs="+", type=float, default=None, help="subset of 0.1 1.5 3 5")
+    m = p.add_argument_group("model and recipe")
+    m.add_argument("--out", type=Path, required=True, help="output folder (a --model-dir)")
+    m.add_argument("--name", default="default", help="registry name of the trained model")
+    m.add_argument("--version", default=None, help="model version (default: date-based)")
+    m.add_argument("--init-from", metavar="NAME", help="fine-tune from this registry model")
+    m.add_argument("--model-dir", type=Path, help="extra registry for --init-from")
+    m.add_argument("--steps", type=int, default=4000)
+    m.add_argument("--batch-size", type=int, default=16)
+    m.add_argument("--patch", type=int, default=128)
+    m.add_argument("--lr", type=float, default=None, help="default 1e-3 (2e-4 when fine-tuning)")
+    m.add_argument("--n-slices", type=int, default=5)
+    m.add_argument("--base", type=int, default=16)
+    m.add_argument("--slab-depth", type=int, default=16)
+    m.add_argument("--pool-size", type=int, default=24)
+    m.add_argument("--refresh-every", type=int, default=8)
+    m.add_argument("--val-slabs", type=int, default=12)
+    m.add_argument("--max-minutes", type=float, default=0.0, help="stop after this wall time")
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    r.add_argument("--checkpoint-every", type=int, default=200, help="steps")
+    r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    r.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from synth7t.fields import CONTRASTS, SUPPORTED_BINS
+    from synth7t.registry import RegistryError
+    from synth7t.train import (PatchSampler, SimulatorSource, TrainConfig, Trainer,
+                               VolumePairSource, bids_pairs, default_card, export_model,
+                               load_registry_unet, mrixfields_pairs, validation_slabs)
+
+    contrasts = tuple(args.contrasts or CONTRASTS)
+    fields = tuple(args.fields or SUPPORTED_BINS)
+    bad = [c for c in contrasts if c not in CONTRASTS]
+    if bad:
+        print(f"synth7t-train: unknown contrast(s) {bad}", file=sys.stderr)
+        return 64
+    if not (args.simulated or args.mrixfields or args.bids):
+        args.simulated = True
+
+    sources = []
+    data_desc: list[str] = []
+    sim_source = None
+    if args.simulated:
+        sim_source = SimulatorSource(depth=args.slab_depth, fields=fields, contrasts=contrasts)
+        sources.append((sim_source, 1.0))
+        data_desc.append("simulated pairs from the ICBM152 2009 anatomy (synth7t.simulate; random "
+                         "fields, contrasts, protocols within the physics.json ranges, random "
+                         "deformations); Colin27/BrainWeb never used")
+    real_pairs = []
+    if args.mrixfields:
+        pairs = mrixfields_pairs(args.mrixfields, splits=args.mrixfields_split,
+                                 contrasts=contrasts, fields=fields)
+        if not pairs:
+            print(f"synth7t-train: {args.mrixfields}: no paired P_ volumes with a 7T partner",
+                  file=sys.stderr)
+            return 66
+        real_pairs += pairs
+        data_desc.append(f"MRIxFields paired volumes ({len(pairs)} pairs, splits "
+                         f"{', '.join(args.mrixfields_split)})")
+    if args.bids:
+        work = args.work_dir or (args.out / "work")
+        pairs = bids_pairs(args.bids, work, contrasts=contrasts,
+                           to_reference=args.bids_to_reference, threads=args.threads,
+                           seed=args.seed)
+        if not pairs:
+            print(f"synth7t-train: {args.bids}: no participant has both a 7T and a lower-field "
+                  "session of the same contrast", file=sys.stderr)
+            return 66
+        real_pairs += pairs
+        data_desc.append(f"BIDS sessions registered rigidly to the 7T session ({len(pairs)} pairs)")
+    if real_pairs:
+        sources.append((VolumePairSource(real_pairs, depth=args.slab_depth), 1.0))
+
+    init_net = None
+    if args.init_from:
+        try:
+            init_net = load_registry_unet(args.init_from, model_dir=args.model_dir)
+        except RegistryError as exc:
+            print(f"synth7t-train: {exc}", file=sys.stderr)
+            return 65
+        data_desc.append(f"initialised from registry model {args.init_from!r}")
+
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, patch=args.patch,
+                      lr=args.lr or (2e-4 if init_net is not None else 1e-3), seed=args.seed,
+                      n_slices=init_net.config.n_slices if init_net else args.n_slices,
+                      base=init_net.config.base if init_net else args.base,
+                      pool_size=args.pool_size, refresh_every=args.refresh_every,
+                      slab_depth=args.slab_depth, checkpoint_every=args.checkpoint_every,
+                      val_slabs=args.val_slabs, threads=args.threads, device=args.device,
+                      max_minutes=args.max_minutes, data=data_desc,
+                      warmup=20 if init_net is not None else 100)
+
+    # Held-out set: simulated with seeds offset far from training seeds when the simulator is
+    # in use, else slabs of the given data (then *not* held out, and the card says so).
+    val_note = "held-out simulated slabs (seed offset 10^9)"
+    if sim_source is not None:
+        val_src = SimulatorSource(sim_source.sim, depth=args.slab_depth, fields=fields,
+                                  contrasts=contrasts, seed_offset=10 ** 9, z_range=sim_source.z_range)
+    else:
+        val_src = VolumePairSource(real_pairs, depth=args.slab_depth)
+        val_note = "slabs of the training pairs (no held-out real data)"
+    val = validation_slabs(val_src, args.val_slabs, seed=args.seed + 12345) if args.val_slabs else []
+
+    def sampler_factory(rng: np.random.Generator) -> PatchSampler:
+        return PatchSampler(sources, rng, n_slices=cfg.n_slices, patch=cfg.patch,
+                            pool_size=cfg.pool_size, refresh_every=cfg.refresh_every, log=_log)
+
+    trainer = Trainer(cfg, sampler_factory, args.out, val=val, init_net=init_net, log=_log)
+    if args.resume:
+        trainer.resume()
+    _log(f"training {cfg.steps} steps, batch {cfg.batch_size}x{cfg.patch}^2, threads {cfg.threads}, "
+         f"data: {'; '.join(data_desc)}")
+    trainer.run(progress=not args.no_progress)
+
+    best = args.out / "checkpoints" / "best.safetensors"
+    weights = best if best.is_file() else args.out / "checkpoints" / "last.safetensors"
+    card = default_card(trainer, data=data_desc, notes=[f"validation: {val_note}"])
+    version = args.version or time.strftime("%Y.%m.%d")
+    export_model(weights, args.out, name=args.name, version=version,
+                 pairs=[(c, f) for c in contrasts for f in fields], card=card)
+    _log(f"exported {args.out / 'model.safetensors'} ({weights.name}); registry "
+         f"{args.out / 'registry.json'}")
+    print(json.dumps({"steps": trainer.step, "wall_seconds": round(trainer.wall, 1),
+                      "best": (trainer.best or {}).get("metrics", {}).get("mean", {})}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

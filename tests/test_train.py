@@ -1,0 +1,160 @@
+"""synth7t.train / synth7t-train on tiny generated fixtures (seconds, CPU, 1 thread)."""
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from synth7t.commands.train import main as train_main
+from synth7t.inference import UNetSynthesizer
+from synth7t.registry import Registry, load_synthesizer, sha256_file
+from synth7t.train import (PatchSampler, Slab, TrainConfig, Trainer, bids_pairs,
+                           mrixfields_pairs, ssim_map, synthesis_loss)
+
+SHAPE = (32, 32, 16)
+TINY = ["--patch", "32", "--base", "4", "--n-slices", "3", "--batch-size", "2",
+        "--slab-depth", "8", "--pool-size", "2", "--val-slabs", "1", "--no-progress",
+        "--threads", "1"]
+
+
+def _phantom(seed: int, shape=SHAPE, *, shift: int = 0):
+    """(source-like, 7T-like, mask): blobs of three tissues; the 7T image has other contrast."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r = np.sqrt(x ** 2 + y ** 2 + (z * 0.9) ** 2) + 0.05 * np.sin(5 * x + seed) * np.cos(4 * y)
+    mask = r < 0.85
+    lab = np.where(r < 0.4, 2, np.where(r < 0.65, 1, 0))
+    src = np.choose(lab, [0.15, 0.6, 0.8]) + rng.normal(0, 0.05, shape)
+    tgt = np.choose(lab, [0.05, 0.45, 0.9])
+    src, tgt = np.clip(src, 0, 1) * mask, np.clip(tgt, 0, 1) * mask
+    if shift:
+        src = np.roll(src, shift, axis=0)
+    return src.astype(np.float32), tgt.astype(np.float32), mask
+
+
+class _PhantomSource:
+    def make(self, rng):
+        s, t, m = _phantom(int(rng.integers(1000)))
+        return [Slab(s, t, m, "T1w", 1.5)]
+
+
+def _save(arr, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr.astype(np.float32), np.diag([0.5, 0.5, 0.5, 1.0])), str(path))
+
+
+def test_ssim_matches_skimage():
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(0)
+    a = rng.random((40, 40)).astype(np.float32)
+    b = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1).astype(np.float32)
+    ours = float(ssim_map(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None]).mean())
+    ref = structural_similarity(a, b, data_range=1.0)
+    # skimage crops a border of 3 before averaging; avg_pool 'valid' does the same
+    assert abs(ours - ref) < 1e-4
+
+
+def test_few_steps_lower_the_loss(tmp_path):
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=40, batch_size=4, patch=32, n_slices=3, base=8, lr=3e-3, warmup=1,
+                      pool_size=4, refresh_every=0, checkpoint_every=20, val_slabs=0, seed=0)
+
+    def factory(rng):
+        return PatchSampler([(_PhantomSource(), 1.0)], rng, n_slices=3, patch=32, pool_size=4,
+                            refresh_every=0)
+
+    fixed = factory(np.random.default_rng(99)).batch(8)
+    trainer = Trainer(cfg, factory, tmp_path, log=lambda m: None)
+
+    def loss_now():
+        with torch.no_grad():
+            x, y, m, c = fixed
+            return float(synthesis_loss(trainer.net(x, c) * m, y)[0])
+
+    before = loss_now()
+    trainer.run(progress=False)
+    after = loss_now()
+    assert after < 0.8 * before, (before, after)
+    assert (tmp_path / "checkpoints" / "state.json").is_file()
+    state = json.loads((tmp_path / "checkpoints" / "state.json").read_text())
+    assert state["step"] == 40
+
+
+@pytest.fixture()
+def mrix_tree(tmp_path):
+    root = tmp_path / "mrix"
+    for ident in ("0001", "0002"):
+        src, tgt, _ = _phantom(int(ident))
+        _save(src, root / "Training_prospective" / "T1W" / "1.5T" / f"P_T1W_1.5T_{ident}.nii.gz")
+        _save(tgt, root / "Training_prospective" / "T1W" / "7T" / f"P_T1W_7T_{ident}.nii.gz")
+    # an unpaired retrospective volume and a source without a 7T partner are ignored
+    _save(src, root / "Training_retrospective" / "T1W" / "3T" / "R_T1W_3T_0100.nii.gz")
+    _save(src, root / "Training_prospective" / "T1W" / "3T" / "P_T1W_3T_0009.nii.gz")
+    return root
+
+
+def test_train_export_load_and_finetune_on_mrixfields(tmp_path, mrix_tree):
+    pairs = mrixfields_pairs(mrix_tree)
+    assert len(pairs) == 2 and {p.field_bin for p in pairs} == {1.5}
+
+    first = tmp_path / "first"
+    assert train_main(["--mrixfields", str(mrix_tree), "--out", str(first), "--steps", "6",
+                       "--checkpoint-every", "3", "--name", "mine", *TINY]) == 0
+    for f in ("model.safetensors", "model_card.json", "registry.json"):
+        assert (first / f).is_file()
+    card = json.loads((first / "model_card.json").read_text())
+    assert card["SHA256"] == sha256_file(first / "model.safetensors")
+    assert card["Steps"] == 6 and "WallTimeSeconds" in card and card["Architecture"]["parameters"] > 0
+
+    reg = Registry.load(first)
+    entry = reg.get("T1w", 1.5, "mine")
+    syn = load_synthesizer(entry)  # SHA-256 verified
+    assert isinstance(syn, UNetSynthesizer)
+    src, _, mask = _phantom(5)
+    out = syn.predict(src, mask)
+    assert out.min() >= 0 and out.max() <= 1 and not out[~mask].any()
+
+    # resume continues the step count
+    assert train_main(["--mrixfields", str(mrix_tree), "--out", str(first), "--steps", "8",
+                       "--checkpoint-every", "4", "--name", "mine", "--resume", *TINY]) == 0
+    assert json.loads((first / "model_card.json").read_text())["Steps"] == 8
+
+    # fine-tune from the registry model through --model-dir
+    ft = tmp_path / "ft"
+    assert train_main(["--mrixfields", str(mrix_tree), "--out", str(ft), "--steps", "4",
+                       "--checkpoint-every", "2", "--init-from", "mine", "--model-dir",
+                       str(first), *TINY]) == 0
+    ft_card = json.loads((ft / "model_card.json").read_text())
+    assert any("initialised from" in d for d in ft_card["TrainingData"].split("; "))
+    load_synthesizer(Registry.load(ft).get("T1w", 1.5))
+
+
+def test_finetune_on_bids_sessions(tmp_path):
+    bids = tmp_path / "bids"
+    (bids / "dataset_description.json").parent.mkdir(parents=True)
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "t", "BIDSVersion": "1.9.0"}))
+    src, tgt, _ = _phantom(7, shift=1)
+    for ses, arr, b0 in (("lo", src * 900, 1.5), ("hi", tgt * 1200, 7.0)):
+        img = bids / "sub-01" / f"ses-{ses}" / "anat" / f"sub-01_ses-{ses}_T1w.nii.gz"
+        _save(arr, img)
+        img.with_name(img.name.replace(".nii.gz", ".json")).write_text(
+            json.dumps({"MagneticFieldStrength": b0}))
+    pairs = bids_pairs(bids, tmp_path / "work")
+    assert len(pairs) == 1 and pairs[0].field_bin == 1.5 and pairs[0].contrast == "T1w"
+    reg = nib.load(str(pairs[0].source)).get_fdata()
+    # the rigid registration undid the 1-voxel shift: correlation with the 7T image improves
+    before = np.corrcoef(src.ravel(), tgt.ravel())[0, 1]
+    after = np.corrcoef(reg.ravel(), tgt.ravel())[0, 1]
+    assert after > before
+
+    out = tmp_path / "bids_model"
+    assert train_main(["--bids", str(bids), "--out", str(out), "--steps", "4",
+                       "--checkpoint-every", "2", "--contrasts", "T1w", "--fields", "1.5",
+                       *TINY]) == 0
+    entry = Registry.load(out).get("T1w", 1.5)
+    assert entry.sha256 == sha256_file(out / "model.safetensors")
+    load_synthesizer(entry)
