@@ -1,0 +1,244 @@
+"""Field physics: relaxation times at any B0 and the magnitude signal equations.
+
+All numbers come from one table, ``synth7t/data/physics.json``, where every value carries a
+``source``; see ``../shared/design/FIELD_PHYSICS.md`` for the specification. Times are in ms,
+flip angles in degrees, fields in tesla.
+
+Examples
+--------
+>>> phys = Physics.load()
+>>> round(phys.relaxation("WM", 3.0).T1)
+887
+>>> sig = phys.tissue_signals("T1w", 1.5)       # nominal 1.5 T MPRAGE
+>>> sig["WM"] > sig["GM"] > sig["CSF"]
+True
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from synth7t.fields import CONTRASTS
+
+PHYSICS_JSON = Path(__file__).parent / "data" / "physics.json"
+#: Fields with protocols in the table (sources plus the 7 T target).
+PROTOCOL_FIELDS: tuple[float, ...] = (0.1, 1.5, 3.0, 5.0, 7.0)
+TARGET_FIELD = 7.0
+
+
+@dataclass(frozen=True)
+class Relaxation:
+    """Relaxation parameters of one tissue at one field (times in ms)."""
+
+    PD: float
+    T1: float
+    T2: float
+    T2star: float
+
+
+def field_key(field: float) -> str:
+    """Key of a protocol field in the table (``1.5 -> "1.5"``, ``3.0 -> "3"``).
+
+    Raises
+    ------
+    ValueError
+        If ``field`` is not one of :data:`PROTOCOL_FIELDS` (within 1e-6 T).
+    """
+    for f in PROTOCOL_FIELDS:
+        if abs(float(field) - f) < 1e-6:
+            return f"{f:g}"
+    raise ValueError(f"no protocol for {field:g} T; choose one of "
+                     f"{', '.join(f'{f:g}' for f in PROTOCOL_FIELDS)}")
+
+
+# --- signal equations (magnitude, arbitrary units) -------------------------------------------
+
+def spin_echo(PD: float, T1: float, T2: float, *, TR: float, TE: float) -> float:
+    """Spin echo / (T)SE: ``PD (1 - e^(-TR/T1)) e^(-TE/T2)``."""
+    return PD * (1.0 - math.exp(-TR / T1)) * math.exp(-TE / T2)
+
+
+def inversion_recovery(PD: float, T1: float, T2: float, *, TR: float, TI: float,
+                       TE: float) -> float:
+    """Inversion recovery / FLAIR: ``PD |1 - 2 e^(-TI/T1) + e^(-TR/T1)| e^(-TE/T2)``."""
+    return PD * abs(1.0 - 2.0 * math.exp(-TI / T1) + math.exp(-TR / T1)) * math.exp(-TE / T2)
+
+
+def spoiled_gre(PD: float, T1: float, T2star: float, *, TR: float, TE: float,
+                FA: float) -> float:
+    """Spoiled gradient echo (Ernst): ``PD sin a (1 - E1) / (1 - cos a E1) e^(-TE/T2*)``."""
+    a = math.radians(FA)
+    e1 = math.exp(-TR / T1)
+    return PD * math.sin(a) * (1.0 - e1) / (1.0 - math.cos(a) * e1) * math.exp(-TE / T2star)
+
+
+def mprage(PD: float, T1: float, T2star: float, *, TR: float, TI: float, TE: float,
+           FA: float) -> float:
+    """MPRAGE as inversion recovery with a GRE readout factor ``sin(a) e^(-TE/T2*)``.
+
+    First-order form allowed by FIELD_PHYSICS.md (Deichmann's full expression would model the
+    readout train's saturation too); ``TR`` is the inversion repetition time.
+    """
+    ir = abs(1.0 - 2.0 * math.exp(-TI / T1) + math.exp(-TR / T1))
+    return PD * ir * math.sin(math.radians(FA)) * math.exp(-TE / T2star)
+
+
+SEQUENCES = {"spin_echo", "inversion_recovery", "spoiled_gre", "mprage"}
+
+
+def sequence_signal(sequence: str, rel: Relaxation, protocol: dict[str, float]) -> float:
+    """Signal of a tissue with relaxation ``rel`` for a sequence and its parameters.
+
+    ``protocol`` holds ``TR``, ``TE`` and, depending on the sequence, ``TI`` and ``FA``.
+    """
+    p = protocol
+    if sequence == "spin_echo":
+        return spin_echo(rel.PD, rel.T1, rel.T2, TR=p["TR"], TE=p["TE"])
+    if sequence == "inversion_recovery":
+        return inversion_recovery(rel.PD, rel.T1, rel.T2, TR=p["TR"], TI=p["TI"], TE=p["TE"])
+    if sequence == "spoiled_gre":
+        return spoiled_gre(rel.PD, rel.T1, rel.T2star, TR=p["TR"], TE=p["TE"], FA=p["FA"])
+    if sequence == "mprage":
+        return mprage(rel.PD, rel.T1, rel.T2star, TR=p["TR"], TI=p["TI"], TE=p["TE"], FA=p["FA"])
+    raise ValueError(f"unknown sequence {sequence!r}; expected one of {sorted(SEQUENCES)}")
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+class Physics:
+    """The parameter table plus relaxation models and tissue signals.
+
+    Parameters
+    ----------
+    table
+        Parsed ``physics.json`` (see :meth:`load`).
+    """
+
+    def __init__(self, table: dict[str, Any]):
+        self.table = table
+        self.gamma = float(table["gamma_hz_per_t"]["value"])
+        self.tissues: tuple[str, ...] = tuple(table["tissues"])
+        self.brain_tissues: tuple[str, ...] = tuple(table["brain_tissues"])
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "Physics":
+        """Load a physics table (default: the shipped ``synth7t/data/physics.json``)."""
+        if path is None:
+            return _default_physics()
+        with open(path, encoding="utf-8") as fh:
+            return cls(json.load(fh))
+
+    # relaxation ---------------------------------------------------------------------------------
+    def _time(self, tissue: str, what: str, field: float) -> float:
+        spec = self.table["tissues"][tissue][what]
+        model = spec["model"]
+        if model == "constant":
+            return float(spec["value_ms"])
+        if model == "power_law":  # Rooney 2007: T1 [s] = A (gamma B0 [Hz])^B
+            return 1000.0 * spec["A_s"] * (self.gamma * field) ** spec["B"]
+        if model == "power_law_ref":
+            return float(spec["ref_ms"]) * (field / spec["ref_field"]) ** spec["exponent"]
+        if model == "exponential":  # Pohmann 2016: T2* [s] = A e^(-k B0)
+            return 1000.0 * spec["A_s"] * math.exp(-spec["k"] * field)
+        if model == "table":  # linear in B0 between measured fields, flat outside
+            return float(np.interp(field, spec["fields"], spec["values_ms"]))
+        if model == "same_as":
+            return self._time(spec["tissue"], what, field)
+        if model == "between":  # deep nuclei: a fixed position between GM and WM
+            w = float(np.interp(field, spec["fields"], spec["weights"]))
+            t_from = self._time(spec["from"], what, field)
+            return t_from - w * (t_from - self._time(spec["to"], what, field))
+        raise ValueError(f"{tissue}.{what}: unknown model {model!r}")
+
+    def relaxation(self, tissue: str, field: float) -> Relaxation:
+        """PD and T1/T2/T2* (ms) of ``tissue`` at ``field`` tesla (any B0 > 0)."""
+        if tissue not in self.table["tissues"]:
+            raise KeyError(f"unknown tissue {tissue!r}; known: {', '.join(self.tissues)}")
+        if field <= 0:
+            raise ValueError(f"field must be > 0 T, got {field}")
+        return Relaxation(PD=float(self.table["tissues"][tissue]["PD"]["value"]),
+                          T1=self._time(tissue, "T1", field),
+                          T2=self._time(tissue, "T2", field),
+                          T2star=self._time(tissue, "T2star", field))
+
+    # protocols ----------------------------------------------------------------------------------
+    def protocol_spec(self, contrast: str, field: float) -> dict[str, Any]:
+        """Raw protocol entry (nominal values and ranges) for a contrast and field."""
+        _check_contrast(contrast)
+        return self.table["protocols"][contrast][field_key(field)]
+
+    def protocol(self, contrast: str, field: float,
+                 rng: np.random.Generator | None = None) -> dict[str, Any]:
+        """Protocol parameters: nominal, or drawn uniformly in their ranges when ``rng`` is given.
+
+        The 7 T target has no ranges and is always nominal. Returns ``{"sequence": str, "TR":
+        ms, "TE": ms, ["TI": ms], ["FA": deg]}``.
+        """
+        spec = self.protocol_spec(contrast, field)
+        out: dict[str, Any] = {"sequence": spec["sequence"]}
+        for key in ("TR_ms", "TE_ms", "TI_ms", "FA_deg"):
+            if key not in spec:
+                continue
+            par = spec[key]
+            if rng is not None and "range" in par:
+                value = float(rng.uniform(*par["range"]))
+            else:
+                value = float(par["nominal"])
+            out[key.split("_")[0]] = value
+        return out
+
+    def effective_voxel(self, contrast: str, field: float,
+                        rng: np.random.Generator | None = None) -> tuple[float, float, float]:
+        """Effective voxel size (mm, per reference-grid axis); mid-range when ``rng`` is None."""
+        _check_contrast(contrast)
+        spec = self.table["resolution"][contrast][field_key(field)]
+        ranges = np.asarray(spec["voxel_mm"], dtype=float)
+        if rng is None:
+            u = np.full(3, 0.5)
+        elif spec.get("isotropic", False):
+            u = np.full(3, rng.uniform())
+        else:
+            u = rng.uniform(size=3)
+        vox = ranges[:, 0] + u * (ranges[:, 1] - ranges[:, 0])
+        return tuple(float(v) for v in vox)  # type: ignore[return-value]
+
+    def snr_range(self, field: float) -> tuple[float, float]:
+        """WM SNR range at the effective voxel."""
+        lo, hi = self.table["snr_wm"][field_key(field)]["range"]
+        return float(lo), float(hi)
+
+    def bias_spec(self, field: float) -> dict[str, Any]:
+        """Bias amplitude range and bright-centre weight at ``field``."""
+        return self.table["bias"][field_key(field)]
+
+    # signals ------------------------------------------------------------------------------------
+    def tissue_signal(self, tissue: str, contrast: str, field: float,
+                      protocol: dict[str, Any] | None = None) -> float:
+        """Noise-free signal of one tissue (nominal protocol unless one is given)."""
+        protocol = protocol or self.protocol(contrast, field)
+        return sequence_signal(protocol["sequence"], self.relaxation(tissue, field), protocol)
+
+    def tissue_signals(self, contrast: str, field: float,
+                       protocol: dict[str, Any] | None = None,
+                       tissues: Iterable[str] | None = None) -> dict[str, float]:
+        """Signal per tissue for a contrast, field and protocol (nominal by default)."""
+        protocol = protocol or self.protocol(contrast, field)
+        return {t: self.tissue_signal(t, contrast, field, protocol)
+                for t in (self.tissues if tissues is None else tissues)}
+
+
+def _check_contrast(contrast: str) -> None:
+    if contrast not in CONTRASTS:
+        raise ValueError(f"unknown contrast {contrast!r}; expected one of {', '.join(CONTRASTS)}")
+
+
+@lru_cache(maxsize=1)
+def _default_physics() -> Physics:
+    with open(PHYSICS_JSON, encoding="utf-8") as fh:
+        return Physics(json.load(fh))
