@@ -67,6 +67,19 @@ def mask_bbox(mask: np.ndarray, *, margin: int = MARGIN,
     return tuple(box)  # type: ignore[return-value]
 
 
+def _padded_extent(occupied: np.ndarray, margin: int, multiple: int) -> tuple[int, int]:
+    """``[lo, hi)`` around the True run of a 1-D array, with margin, size a multiple, in bounds.
+
+    The array's length is itself a multiple of ``multiple`` (see :func:`mask_bbox`).
+    """
+    n = occupied.size
+    idx = np.flatnonzero(occupied)
+    lo, hi = max(int(idx[0]) - margin, 0), min(int(idx[-1]) + 1 + margin, n)
+    size = min(n, -(-(hi - lo) // multiple) * multiple)
+    lo = min(lo, n - size)
+    return lo, lo + size
+
+
 def crop_padded(volume: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
     """Crop ``volume`` to ``box``, zero-filling where the box leaves the array."""
     shape = tuple(s.stop - s.start for s in box)
@@ -246,10 +259,18 @@ class UNetSynthesizer(Synthesizer):
         out = np.zeros(src.shape, dtype=np.float32)
         zs = [z for z in range(src.shape[2]) if cmask[:, :, z].any()]
         cond1 = condition_vector(self.contrast, self.field_bin).to(self.device)
+        # Per batch, only the in-plane box holding every non-zero input of its slices (and of
+        # their 2.5D neighbours) is run: the brain is round, so this skips ~1/3 of the pixels the
+        # global box would cost. Inputs outside it are zeros, exactly what the crop pads with.
+        occupied = cmask.any(axis=1), cmask.any(axis=0)  # (X, Z), (Y, Z)
+        half = self.config.n_slices // 2
         with torch_runtime(threads), torch.inference_mode():
             for chunk in iter_batches(zs, max(1, int(batch_size))):
-                x = torch.from_numpy(self._inputs(src, oth, chunk)).to(self.device)
-                x = x.contiguous(memory_format=torch.channels_last)
+                zlo, zhi = max(chunk[0] - half, 0), min(chunk[-1] + half + 1, src.shape[2])
+                (x0, x1), (y0, y1) = (_padded_extent(occ[:, zlo:zhi].any(axis=1), MARGIN,
+                                                     PAD_MULTIPLE) for occ in occupied)
+                x = torch.from_numpy(self._inputs(src, oth, chunk)[:, :, x0:x1, y0:y1])
+                x = x.to(self.device).contiguous(memory_format=torch.channels_last)
                 cond = cond1.expand(len(chunk), -1)
                 y = self.net(x, cond)
                 if tta:
@@ -257,7 +278,7 @@ class UNetSynthesizer(Synthesizer):
                     y = 0.5 * (y + self.net(torch.flip(x, dims=(2,)), cond).flip(dims=(2,)))
                 y = y[:, 0].float().cpu().numpy()
                 for i, z in enumerate(chunk):
-                    out[:, :, z] = y[i]
+                    out[x0:x1, y0:y1, z] = y[i]
         out = paste_cropped(out, box, volume.shape)
         out[~mask] = 0.0
         return np.clip(out, 0.0, 1.0, out=out)

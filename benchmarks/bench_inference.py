@@ -1,0 +1,167 @@
+"""Inference speed and peak memory per 364 x 436 x 364 volume (prints a table; no assertions).
+
+Rows:
+
+* the shipped ``default`` model for T1w 3T through the public API (registry -> Synthesizer);
+* when the shipped default is still the baseline, a random-weight :class:`UNet25D` of the
+  shipped configuration (same cost as a trained one);
+* the MRIxFields2026 baseline generator architecture (ResNet, 9 blocks, 64 filters) with
+  random weights, run slice by slice over the full 364 x 436 plane as the official inference
+  does. It is too slow to run on all 364 slices here, so ``--peer-slices`` slices are timed and
+  the per-volume time is extrapolated (marked in the table).
+
+Each row runs in its own process so peak RSS (``ru_maxrss``) is per model. Input: the shipped
+ICBM152 1 mm template (tpl-MRIxFields) upsampled to the 0.5 mm grid, brain-masked.
+
+Usage::
+
+    NIPYPE_NO_ET=1 python benchmarks/bench_inference.py --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+
+def _volume():
+    import nibabel as nib
+    import numpy as np
+    from scipy.ndimage import zoom
+
+    from synth7t.intensity import normalise
+    from synth7t.reference import REF_SHAPE, TEMPLATEFLOW_HOME
+
+    tpl = TEMPLATEFLOW_HOME / "tpl-MRIxFields"
+    t1 = np.asarray(nib.load(str(tpl / "tpl-MRIxFields_res-1_T1w.nii.gz")).dataobj, np.float32)
+    m = np.asarray(nib.load(str(tpl / "tpl-MRIxFields_res-1_desc-brain_mask.nii.gz")).dataobj) > 0
+    factors = [r / s for r, s in zip(REF_SHAPE, t1.shape)]
+    vol = zoom(t1, factors, order=1)
+    mask = zoom(m.astype(np.uint8), factors, order=0) > 0
+    assert vol.shape == REF_SHAPE, vol.shape
+    return normalise(vol, mask), mask
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # Linux: KiB
+
+
+def child(kind: str, threads: int, peer_slices: int, batch_size: int) -> dict:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    vol, mask = _volume()
+    out: dict = {"kind": kind}
+    if kind == "shipped":
+        from synth7t.registry import Registry, load_synthesizer
+
+        entry = Registry.load().get("T1w", 3.0)
+        syn = load_synthesizer(entry)
+        t = time.perf_counter()
+        pred = syn.predict(vol, mask, batch_size=batch_size, threads=threads)
+        out["seconds"] = time.perf_counter() - t
+        out["label"] = f"shipped default ({entry.kind}, {entry.file.name})"
+        out["params"] = _params_of(syn)
+        out["check"] = float(pred[mask].mean())
+    elif kind == "unet-random":
+        from synth7t.inference import UNetSynthesizer
+        from synth7t.networks import UNet25D, UNetConfig, count_parameters
+
+        torch.manual_seed(0)
+        net = UNet25D(UNetConfig())
+        for p in net.head.parameters():  # non-zero head so the whole graph is exercised
+            torch.nn.init.normal_(p, std=0.01)
+        syn = UNetSynthesizer(net, contrast="T1w", field_bin=3.0)
+        t = time.perf_counter()
+        syn.predict(vol, mask, batch_size=batch_size, threads=threads)
+        out["seconds"] = time.perf_counter() - t
+        out["label"] = "UNet25D shipped config, random weights"
+        out["params"] = count_parameters(net)
+    elif kind == "resnet":
+        from synth7t.networks import ResnetGenerator, count_parameters
+
+        torch.manual_seed(0)
+        net = ResnetGenerator(1, 1, ngf=64, n_blocks=9).eval()
+        net = net.to(memory_format=torch.channels_last)
+        zs = np.linspace(100, 260, peer_slices).astype(int)
+        with torch.inference_mode():
+            x = torch.from_numpy(vol[:, :, zs[0]].copy())[None, None]
+            net(x.contiguous(memory_format=torch.channels_last))  # warm-up, not timed
+            t = time.perf_counter()
+            for z in zs:
+                x = torch.from_numpy(vol[:, :, z].copy())[None, None]
+                net(x.contiguous(memory_format=torch.channels_last))
+            per = (time.perf_counter() - t) / len(zs)
+        out["seconds"] = per * vol.shape[2]
+        out["extrapolated_from"] = int(len(zs))
+        out["label"] = "MRIxFields ResNet generator (9 blocks, 64 filters), random weights"
+        out["params"] = count_parameters(net)
+    out["peak_rss_gb"] = _peak_rss_gb()
+    return out
+
+
+def _params_of(syn) -> int | None:
+    net = getattr(syn, "net", None)
+    if net is None:
+        return None
+    from synth7t.networks import count_parameters
+
+    return count_parameters(net)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--peer-slices", type=int, default=6)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.threads, args.peer_slices, args.batch_size)))
+        return 0
+
+    env = dict(os.environ, NIPYPE_NO_ET="1", OMP_NUM_THREADS=str(args.threads))
+    from synth7t.registry import Registry
+
+    kinds = ["shipped"]
+    if Registry.load().get("T1w", 3.0).kind != "unet":
+        kinds.append("unet-random")
+    kinds.append("resnet")
+    rows = []
+    for kind in kinds:
+        res = subprocess.run([sys.executable, __file__, "--child", kind, "--threads",
+                              str(args.threads), "--peer-slices", str(args.peer_slices),
+                              "--batch-size", str(args.batch_size)],
+                             capture_output=True, text=True, env=env, check=False)
+        if res.returncode != 0:
+            print(res.stderr, file=sys.stderr)
+            return 1
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+
+    cpu = platform.processor() or platform.machine()
+    print(f"# Inference per 364x436x364 volume; {args.threads} torch threads; {os.cpu_count()} CPUs "
+          f"({cpu}); python {platform.python_version()}")
+    print(f"| model | params | seconds/volume | peak RSS (GB) |")
+    print(f"|---|---|---|---|")
+    for r in rows:
+        secs = f"{r['seconds']:.1f}"
+        if "extrapolated_from" in r:
+            secs += f" (extrapolated from {r['extrapolated_from']} slices)"
+        params = f"{r['params'] / 1e6:.2f} M" if r.get("params") else "-"
+        print(f"| {r['label']} | {params} | {secs} | {r['peak_rss_gb']:.2f} |")
+    peer = rows[-1]["seconds"]
+    ours = [r for r in rows if r["kind"] in ("shipped", "unet-random")]
+    net_row = ours[-1] if rows[0].get("params") is None else ours[0]
+    print(f"\nspeed-up of {net_row['label']} over the ResNet peer: {peer / net_row['seconds']:.1f}x "
+          f"(targets: <= 30 s, <= 3 GB, >= 10x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
