@@ -2,9 +2,12 @@
 
 The report is one HTML file with its figures beside it, in ``<out_dir>/sub-<label>/figures/``
 (the NiPreps layout; add ``figures/`` to ``.bidsignore``). It needs no network: no CDN, no
-web fonts, no scripts. Figures are niworkflows reportlets (``plot_segs``: contours over a
-mosaic, as in sMRIPrep's brain-mask and normalisation reportlets) and nilearn ``plot_anat``
-mosaics (``display_mode`` ``x``/``y``/``z``) for the input next to its synthetic 7T image.
+web fonts, no scripts. Figures (PNG) are nilearn ``plot_anat`` mosaics (``display_mode``
+``x``/``y``/``z``) with niworkflows' cut placement and window (``cuts_from_bbox``,
+``robust_set_limits``): a mask contour over an image (``add_contours``) as in sMRIPrep's
+brain-mask and normalisation reportlets, and the input next to its synthetic 7T image.
+Images finer than 0.9 mm are block-averaged to ~1 mm for display (a mosaic shows ~1 mm per
+pixel), which keeps a 0.5 mm report to seconds per contrast.
 
 Call :func:`generate_report` once per participant after the graph ran (also after a partial
 failure: a missing derivative is reported as missing, never raises).
@@ -201,6 +204,11 @@ def _entities(participant: str, session: str | None) -> str:
 
 
 # --------------------------------------------------------------------------- figures
+#: Images finer than this (mm) are block-averaged 2x2x2 for display: a mosaic shows ~1 mm per
+#: pixel anyway, and it makes a 0.5 mm report several times faster.
+DISPLAY_MIN_ZOOM = 0.9
+
+
 def _load3d(path: Path):
     import nibabel as nb
 
@@ -208,6 +216,36 @@ def _load3d(path: Path):
     if img.ndim > 3:
         img = img.slicer[..., 0]
     return nb.Nifti1Image(np.asanyarray(img.dataobj, dtype=np.float32), img.affine)
+
+
+def _halve(img, *, mask: bool):
+    """2x2x2 block mean (a mask is re-binarised); the affine keeps world positions."""
+    import nibabel as nb
+
+    data = np.asanyarray(img.dataobj, dtype=np.float32)
+    sx, sy, sz = (d - d % 2 for d in data.shape)
+    data = data[:sx, :sy, :sz].reshape(sx // 2, 2, sy // 2, 2, sz // 2, 2).mean(axis=(1, 3, 5))
+    if mask:
+        data = (data >= 0.5).astype(np.float32)
+    scale = np.array([[2, 0, 0, 0.5], [0, 2, 0, 0.5], [0, 0, 2, 0.5], [0, 0, 0, 1.0]])
+    return nb.Nifti1Image(data, img.affine @ scale)
+
+
+class _Images:
+    """Loads each derivative once, at display resolution."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+        self._img: dict = {}
+
+    def get(self, path, *, mask: bool = False):
+        key = (str(path), mask)
+        if key not in self._img:
+            img = _load3d(Path(path))
+            while min(img.header.get_zooms()[:3]) < DISPLAY_MIN_ZOOM and min(img.shape) > 8:
+                img = _halve(img, mask=mask)
+            self._img[key] = img
+        return self._img[key]
 
 
 def _reference_mask(run_info: dict, scratch: Path) -> tuple[str, str]:
@@ -235,28 +273,40 @@ def _reference_mask(run_info: dict, scratch: Path) -> tuple[str, str]:
     return str(path), "nilearn MNI152 (ICBM 2009a) brain mask"
 
 
-def _save_svgs(svgs: list, path: Path) -> None:
-    """Stack niworkflows reportlet panels (svgutils) into one SVG file."""
+def _fig_contour(image, mask, path: Path, *, title: str = "") -> None:
+    """A mask's contour (red) over an image: axial, sagittal and coronal rows of 7 cuts.
+
+    The sMRIPrep brain-mask / normalisation reportlet, drawn with nilearn ``plot_anat`` +
+    ``add_contours``; cuts and window from niworkflows (``cuts_from_bbox`` over the mask,
+    ``robust_set_limits``: 15th-99.8th percentile). Written as PNG, which is ~5x faster than
+    niworkflows' 300 dpi SVG on the 0.5 mm grid.
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nilearn.plotting import plot_anat
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PendingDeprecationWarning)
-        from niworkflows.viz.utils import _compose_view
+        from niworkflows.viz.utils import cuts_from_bbox, robust_set_limits
 
-    _atomic_write_text("\n".join(_compose_view(svgs, None)), path)
-
-
-def _fig_contour(image: Path, mask: str | Path, path: Path) -> None:
-    """A mask's contour (red) over an image, axial/coronal/sagittal: niworkflows ``plot_segs``.
-
-    Used for the brain mask over the input and for the reference template brain mask over the
-    input registered to the reference space.
-    """
-    with warnings.catch_warnings():  # "niworkflows will deprecate visualizations" notice
-        warnings.simplefilter("ignore", PendingDeprecationWarning)
-        from niworkflows.viz.utils import plot_segs
-
-    svgs = plot_segs(image_nii=str(image), seg_niis=[str(mask)], out_file=str(path),
-                     bbox_nii=str(mask), colors=["r"], compress=False)
-    _save_svgs(svgs, path)
+    data = np.asanyarray(image.dataobj)
+    limits = robust_set_limits(data.ravel(), {})
+    cuts = cuts_from_bbox(mask, cuts=N_CUTS)
+    fig = plt.figure(figsize=(14, 7.2), facecolor="k")
+    for i, axis in enumerate(("z", "x", "y")):
+        ax = fig.add_axes([0, 1 - (i + 1) / 3, 1, 1 / 3])
+        display = plot_anat(image, display_mode=axis, cut_coords=cuts[axis], figure=fig, axes=ax,
+                            dim=0, colorbar=False, draw_cross=False, black_bg=True,
+                            title=title if i == 0 else None, **limits)
+        display.add_contours(mask, levels=[0.5], colors="r", linewidths=0.8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, facecolor="k")
+    plt.close(fig)
+    _atomic_write_bytes(buf.getvalue(), path)
 
 
 def _window_pair(input_img, synth_img, mask_img):
@@ -290,7 +340,7 @@ def _fig_mosaic(input_img, synth_img, cuts: dict, axis: str, path: Path, labels:
         ax = fig.add_axes([0, 1 - (i + 1) / len(rows), 1, 1 / len(rows)])
         plot_anat(img, display_mode=axis, cut_coords=cuts[axis], figure=fig, axes=ax,
                   vmin=0.0, vmax=1.0, dim=0, colorbar=False, draw_cross=False, black_bg=True,
-                  annotate=(i == len(rows) - 1), title=label)
+                  annotate=True, title=label)
     import io
 
     buf = io.BytesIO()
@@ -385,7 +435,7 @@ def _img_tag(out_dir: Path, path: Path, alt: str) -> str:
 
 
 def _input_section(item: dict, idx: int, participant: str, out_dir: Path, fig_dir: Path,
-                   ref_mask, ref_mask_name: str, fig_log: list[str]) -> str:
+                   ref_mask, ref_mask_name: str, fig_log: list[str], images: "_Images") -> str:
     contrast = str(item.get("contrast", "image"))
     session = item.get("session")
     ent = _entities(participant, session)
@@ -413,10 +463,11 @@ def _input_section(item: dict, idx: int, participant: str, out_dir: Path, fig_di
     # 1. brain mask over the input
     out.append("<h3>Brain mask</h3>")
     if paths.get("preproc") and paths.get("mask"):
-        f = fig_dir / f"{ent}_desc-brain_{contrast}.svg"
+        f = fig_dir / f"{ent}_desc-brain_{contrast}.png"
         out.append('<p class="elem-desc">Brain mask (red contour) over the preprocessed input '
                    "(conformed, bias-corrected), native space.</p>")
-        if attempt("brain mask", _fig_contour, paths["preproc"], paths["mask"], f):
+        if attempt("brain mask", lambda: _fig_contour(
+                images.get(paths["preproc"]), images.get(paths["mask"], mask=True), f)):
             out.append(_img_tag(out_dir, f, f"{title} brain mask"))
     else:
         out.append('<p class="missing">Not available (preproc or mask derivative missing).</p>')
@@ -424,11 +475,12 @@ def _input_section(item: dict, idx: int, participant: str, out_dir: Path, fig_di
     # 2. registration to the reference
     out.append("<h3>Registration to the 7T reference space</h3>")
     if paths.get("ref_preproc") and ref_mask:
-        f = fig_dir / f"{ent}_space-MRIxFields_desc-reg_{contrast}.svg"
+        f = fig_dir / f"{ent}_space-MRIxFields_desc-reg_{contrast}.png"
         out.append('<p class="elem-desc">The input resampled into the reference space, with '
                    f"the reference template's brain mask as a red contour ({_esc(ref_mask_name)})."
                    "</p>")
-        if attempt("registration", _fig_contour, paths["ref_preproc"], ref_mask, f):
+        if attempt("registration", lambda: _fig_contour(
+                images.get(paths["ref_preproc"]), images.get(ref_mask, mask=True), f)):
             out.append(_img_tag(out_dir, f, f"{title} registration"))
     else:
         out.append('<p class="missing">Not available (reference-space image missing).</p>')
@@ -445,14 +497,14 @@ def _input_section(item: dict, idx: int, participant: str, out_dir: Path, fig_di
                 warnings.simplefilter("ignore", PendingDeprecationWarning)
                 from niworkflows.viz.utils import cuts_from_bbox
 
-            in_img = _load3d(inp)
-            syn_img = _load3d(syn) if syn else None
+            in_img = images.get(inp)
+            syn_img = images.get(syn) if syn else None
             if syn_img is not None and syn_img.shape != in_img.shape:
                 from nilearn.image import resample_to_img
 
                 syn_img = resample_to_img(syn_img, in_img, interpolation="linear",
                                           force_resample=True, copy_header=True)
-            mask_img = _load3d(space_mask) if space_mask else None
+            mask_img = images.get(space_mask, mask=True) if space_mask else None
             if mask_img is None and syn_img is not None:
                 import nibabel as nb
 
@@ -533,8 +585,9 @@ def generate_report(out_dir: str | os.PathLike, participant_label: str, run_info
             fig_log.append(f"reference template mask unavailable: {exc}")
 
     try:
+        images = _Images(Path(scratch.name))
         sections = [_input_section(item, i, participant, out_dir, fig_dir, ref_mask,
-                                   ref_mask_name, fig_log) for i, item in enumerate(inputs)]
+                                   ref_mask_name, fig_log, images) for i, item in enumerate(inputs)]
     finally:
         scratch.cleanup()
     warnings = [str(w) for w in run_info.get("warnings") or []]
