@@ -10,7 +10,8 @@ Usage (the API the training code calls)::
     pair["params"]                                     # JSON-able dict of every random draw
     multi = sim.sample_all_contrasts(field=3.0, seed=7, roi=(slice(None), slice(None),
                                                             slice(170, 190)))
-    multi["source"]["FLAIR"], multi["target"]["T1w"], multi["mask"], multi["params"]
+    multi["FLAIR"]["source"], multi["T1w"]["target"]   # one sample()-style dict per contrast
+    multi["mask"], multi["params"]                     # shared brain mask and shared draws
 
 ``roi`` is three step-1 slices into the 0.5 mm reference grid (``REF_SHAPE``, axial = axis 2);
 only that box plus a margin for the blur is rendered. Arrays have the ROI's shape.
@@ -25,7 +26,9 @@ effective voxel -> Rician noise at that voxel (sigma = WM signal / WM SNR) -> ba
 
 Determinism: everything is drawn from ``np.random.default_rng(seed)``; the same seed, ROI and
 options give identical bytes. Per-contrast draws come from a child generator keyed by the
-contrast, so ``sample(contrast=c, seed=s)`` equals ``sample_all_contrasts(seed=s)`` for ``c``.
+contrast and role, so ``sample(contrast=c, seed=s)`` and ``sample_all_contrasts(seed=s)[c]``
+draw the same protocol, deformation and noise (equal up to float rounding), and the 7 T target
+of a seed is the same whatever the source field (one "subject" per seed).
 Deformation, bias fields and resampling phases are defined on the whole reference grid, so the
 same seed gives the same anatomy whatever the ROI.
 """
@@ -88,10 +91,17 @@ def _upsample(coarse: np.ndarray, steps: Sequence[float], shape: Sequence[int],
     return out
 
 
-def _coarse_axis(lo: int, hi: int, step: float) -> np.ndarray:
-    """Fine-grid positions ``lo, lo+step, ...`` covering ``[lo, hi-1]`` (last point included)."""
-    n = max(int(math.ceil((hi - 1 - lo) / step)) + 1, 1)
-    return lo + step * np.arange(n)
+def _coarse_axis(lo: int, hi: int, step: int) -> np.ndarray:
+    """Multiples of ``step`` covering ``[lo, hi-1]``: a lattice anchored on the whole grid, so
+    values interpolated from it do not depend on the box being rendered."""
+    first = (lo // step) * step
+    last = -(-(hi - 1) // step) * step
+    return np.arange(first, last + 1, step, dtype=float)
+
+
+def _coarse_positions(coarse_axis: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Fractional lattice index of every fine index in ``[lo, hi)``."""
+    return np.interp(np.arange(lo, hi, dtype=float), coarse_axis, np.arange(len(coarse_axis)))
 
 
 # --- random fields defined on the whole reference grid -----------------------------------------
@@ -312,12 +322,8 @@ class Simulator:
             ``source``, ``target``: float32 arrays in [0, 1] with the ROI's shape, exactly 0
             outside ``mask`` (when skull-stripped); ``mask``: bool; ``params``: JSON-able dict.
         """
-        out = self._render((contrast,), field, seed, roi, deform, source_bias, target_bias,
-                           skull_strip, roi_normalisation)
-        params = dict(out["params"])
-        params.update(params.pop("contrasts")[contrast])
-        return {"source": out["source"][contrast], "target": out["target"][contrast],
-                "mask": out["mask"], "params": params}
+        return self._render((contrast,), field, seed, roi, deform, source_bias, target_bias,
+                            skull_strip, roi_normalisation)[contrast]
 
     def sample_all_contrasts(self, field: float = 1.5,
                              seed: int | np.random.Generator | None = None,
@@ -327,12 +333,23 @@ class Simulator:
                              roi_normalisation: str = "volume") -> dict[str, Any]:
         """Render sources and 7 T targets of several contrasts sharing anatomy and deformation.
 
-        Same parameters as :meth:`sample`. Returns ``dict(source={contrast: array},
-        target={contrast: array}, mask=bool array, params=dict)``; for a given seed each
-        contrast is identical to ``sample(contrast=..., seed=seed)``.
+        Same parameters as :meth:`sample`.
+
+        Returns
+        -------
+        dict
+            One entry per contrast, each exactly what :meth:`sample` returns for that contrast
+            and seed (``{"T1w": {"source", "target", "mask", "params"}, "T2w": ..., ...}``),
+            plus ``"mask"`` (the shared brain mask) and ``"params"`` (shared draws).
         """
         return self._render(tuple(contrasts), field, seed, roi, deform, source_bias,
                             target_bias, skull_strip, roi_normalisation)
+
+    def brain_mask(self, roi: Roi | None = None) -> np.ndarray:
+        """Undeformed brain mask (brain fraction > 0.5) on the reference grid or an ROI of it."""
+        lo, hi = roi_bounds(roi)
+        vox = _anat.ref_to_anatomy_voxels(self.anatomy.affine, lo, hi)
+        return ndi.map_coordinates(self._brain, vox, order=1, cval=0.0, prefilter=False) > 0.5
 
     # drawing ---------------------------------------------------------------------------------
     def _draw_channel(self, rng: np.random.Generator, contrast: str, field: float,
@@ -363,46 +380,34 @@ class Simulator:
         phys = self.physics
         # shared draws, always in the same order whatever the options
         deformation = Deformation.random(rng, phys.table["deformation"])
-        src_bias = BiasField.random(rng, phys.bias_spec(field))
         tgt_bias = BiasField.random(rng, phys.bias_spec(TARGET_FIELD))
+        src_bias = BiasField.random(rng, phys.bias_spec(field))
         base = int(rng.integers(2 ** 63))
         if not deform:
             deformation = Deformation.identity()
         channels: list[tuple[str, str, _Channel]] = []
         for c in contrasts:
-            crng = np.random.default_rng([base, CONTRASTS.index(c)])
-            gain = float(crng.uniform(*phys.table["texture"]["gain"][c]))
-            channels.append((c, "source", self._draw_channel(
-                crng, c, field, False, src_bias if source_bias else None, gain)))
-            channels.append((c, "target", self._draw_channel(
-                crng, c, TARGET_FIELD, True, tgt_bias if target_bias else None, gain)))
+            # child generators keyed by contrast and role: a contrast's draws do not depend on
+            # which other contrasts are rendered, and the 7 T target not on the source field
+            ci = CONTRASTS.index(c)
+            trng = np.random.default_rng([base, ci, 1])
+            srng = np.random.default_rng([base, ci, 0])
+            gain = float(trng.uniform(*phys.table["texture"]["gain"][c]))
+            target = self._draw_channel(trng, c, TARGET_FIELD, True,
+                                        tgt_bias if target_bias else None, gain)
+            source = self._draw_channel(srng, c, field, False,
+                                        src_bias if source_bias else None, gain)
+            channels += [(c, "source", source), (c, "target", target)]
 
         lo, hi = roi_bounds(roi)
+        shape_ref = np.asarray(REF_SHAPE)
         margin = np.max([ch.margin() for _, _, ch in channels], axis=0)
-        elo = np.maximum(lo - margin, 0)
-        ehi = np.minimum(hi + margin, np.asarray(REF_SHAPE))
+        elo, ehi = np.maximum(lo - margin, 0), np.minimum(hi + margin, shape_ref)
         images, brain = self._render_noiseless([ch for _, _, ch in channels], elo, ehi,
                                                deformation, skull_strip)
-        crop = tuple(slice(a - e, b - e) for a, b, e in zip(lo, hi, elo))
-        mask = brain[crop] > 0.5
+        mask = brain[tuple(slice(a - e, b - e) for a, b, e in zip(lo, hi, elo))] > 0.5
 
-        out: dict[str, Any] = {"source": {}, "target": {}, "mask": mask}
-        per_contrast: dict[str, dict[str, Any]] = {c: {} for c in contrasts}
-        for (c, role, ch), img in zip(channels, images):
-            if ch.bias is not None:
-                img = img * self._smooth_field(ch.bias, elo, ehi)
-            img = self._degrade(img, ch, elo, ehi)[crop]
-            if roi is None or roi_normalisation == "roi":
-                norm = normalise(img, mask)
-                scale = None
-            else:
-                scale = self._volume_scale(ch, deformation)
-                norm = np.where(mask, np.clip(img / scale, 0.0, 1.0), 0.0).astype(np.float32)
-            if not skull_strip:
-                norm = np.clip(img / (scale or _percentile(img, mask)), 0, 1).astype(np.float32)
-            out[role][c] = np.ascontiguousarray(norm, dtype=np.float32)
-            per_contrast[c][role] = ch.params()
-        out["params"] = {
+        shared = {
             "seed": None if isinstance(seed, np.random.Generator) else seed,
             "field": float(field), "target_field": TARGET_FIELD,
             "anatomy": self.anatomy.name, "roi": [[int(a), int(b)] for a, b in zip(lo, hi)],
@@ -411,8 +416,30 @@ class Simulator:
             "skull_strip": bool(skull_strip),
             "normalisation": "normalise" if (roi is None or roi_normalisation == "roi")
             else "volume-scale",
-            "contrasts": per_contrast,
         }
+        out: dict[str, Any] = {c: {"mask": mask, "params": dict(shared, contrast=c)}
+                               for c in contrasts}
+        for (c, role, ch), img in zip(channels, images):
+            # each channel is degraded in its own box (ROI + its own margin), so a contrast
+            # rendered alone or with the others sees the same box and noise draws
+            clo, chi = np.maximum(lo - ch.margin(), 0), np.minimum(hi + ch.margin(), shape_ref)
+            img = img[tuple(slice(a - e, b - e) for a, b, e in zip(clo, chi, elo))]
+            if ch.bias is not None:
+                img = img * self._smooth_field(ch.bias, clo, chi)
+            img = self._degrade(img, ch, clo, chi)[
+                tuple(slice(a - e, b - e) for a, b, e in zip(lo, hi, clo))]
+            scale = None
+            if roi is None or roi_normalisation == "roi":
+                norm = normalise(img, mask)
+            else:
+                scale = self._volume_scale(ch)
+                norm = np.where(mask, np.clip(img / scale, 0.0, 1.0), 0.0)
+            if not skull_strip:
+                norm = np.clip(img / (scale or _percentile(img, mask)), 0.0, 1.0)
+            out[c][role] = np.ascontiguousarray(norm, dtype=np.float32)
+            out[c]["params"][role] = ch.params()
+        out["mask"] = mask
+        out["params"] = shared
         return out
 
     def _render_noiseless(self, channels: list[_Channel], elo: np.ndarray, ehi: np.ndarray,
@@ -441,7 +468,7 @@ class Simulator:
             other = tuple(a for a in range(3) if a != ax)
             hit = np.flatnonzero(inside.any(axis=other))
             n0, n1 = max(hit[0] - 1, 0), min(hit[-1] + 1, len(coarse_axes[ax]) - 1)
-            f0 = int(coarse_axes[ax][n0] - elo[ax])
+            f0 = max(int(coarse_axes[ax][n0] - elo[ax]), 0)
             f1 = min(int(math.ceil(coarse_axes[ax][n1] - elo[ax])) + 1, shape[ax])
             sub.append(slice(f0, f1))
             node_sl.append(slice(n0, n1 + 1))
@@ -456,9 +483,8 @@ class Simulator:
         box = tuple(slice(a, b) for a, b in zip(alo, ahi))
         cvox = (cvox - alo.reshape(3, 1, 1, 1)).astype(np.float32)
         # upsample x and y once; z per chunk
-        fine = [np.arange(elo[a] + sl.start, elo[a] + sl.stop, dtype=float)
-                for a, sl in enumerate(sub)]
-        pos = [np.interp(f, c, np.arange(len(c))) for f, c in zip(fine, coarse_axes)]
+        pos = [_coarse_positions(coarse_axes[a], elo[a] + sl.start, elo[a] + sl.stop)
+               for a, sl in enumerate(sub)]
         cvox = _lin_interp_axis(_lin_interp_axis(cvox, 1, pos[0]), 2, pos[1])
         sub_shape = tuple(sl.stop - sl.start for sl in sub)
 
@@ -491,10 +517,11 @@ class Simulator:
         return float(self.physics.table["texture"]["clip"])
 
     def _smooth_field(self, bias: BiasField, elo: np.ndarray, ehi: np.ndarray) -> np.ndarray:
-        coarse_axes = [_coarse_axis(int(a), int(b), SMOOTH_STEP) for a, b in zip(elo, ehi)]
-        coarse = bias(_ref_world(elo, coarse_axes)).astype(np.float32)
-        shape = [int(b - a) for a, b in zip(elo, ehi)]
-        return _upsample(coarse, [SMOOTH_STEP] * 3, shape).astype(np.float32)
+        axes = [_coarse_axis(int(a), int(b), SMOOTH_STEP) for a, b in zip(elo, ehi)]
+        out = bias(_ref_world(elo, axes)).astype(np.float32)
+        for ax in range(3):
+            out = _lin_interp_axis(out, ax, _coarse_positions(axes[ax], elo[ax], ehi[ax]))
+        return out
 
     def _degrade(self, img: np.ndarray, ch: _Channel, elo: np.ndarray,
                  ehi: np.ndarray) -> np.ndarray:
@@ -535,7 +562,7 @@ class Simulator:
                 "texture": self.anatomy.texture.ravel()[idx], "world": world,
                 "n1": rng.standard_normal(len(idx)), "n2": rng.standard_normal(len(idx))}
 
-    def _volume_scale(self, ch: _Channel, deformation: Deformation) -> float:
+    def _volume_scale(self, ch: _Channel) -> float:
         """Estimate of the whole volume's upper percentile (what normalise() would use)."""
         p = self._proxy
         sig = sum(ch.signals[t] * f for t, f in p["fractions"].items()
