@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -294,6 +295,10 @@ class RunResult:
     written: list[str]
     failed: list[str]  # one line per failed sample
     seconds: float
+    #: per sample: output, load / predict / write / total seconds
+    timings: list[dict] = field(default_factory=list)
+    #: seconds spent loading and verifying the models before the first sample
+    setup_seconds: float = 0.0
 
 
 def _log(msg: str) -> None:
@@ -332,13 +337,48 @@ def run(manifest: Manifest, *, model_dir: str | Path | None = None, model_name: 
     by_case: dict[tuple[str, str], dict[str, Sample]] = {}
     for s in manifest.samples:
         by_case.setdefault((s.source_field, s.case_id), {})[s.modality] = s
+    setup_seconds = time.time() - t_start
     cache: dict[str, tuple] = {}  # input path -> (img, data) for the current case
-    written, failed = [], []
+    written, failed, timings = [], [], []
     ordered = _order(manifest.samples)
     work = Path(tempfile.mkdtemp(prefix="synth7t-mrixfields-", dir=tmp_base))
+    # Compressing and writing a 0.5 mm volume takes ~8-10 s: it runs in one background thread
+    # (zlib releases the GIL) while the next sample is predicted; at most one write is pending.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synth7t-writer")
+    pending: list[tuple] = []
+
+    def write(out_img, tmp_file: Path, final: Path) -> float:
+        t = time.time()
+        nib.save(out_img, str(tmp_file))
+        _move_in(tmp_file, final)
+        return time.time() - t
+
+    def finish(n: int, s: Sample, tim: dict, t0: float, status: str) -> None:
+        dt = time.time() - t0
+        tim["total"] = dt
+        timings.append(tim)
+        elapsed = time.time() - t_start
+        left = elapsed / n * (len(ordered) - n)
+        log(f"[{n}/{len(ordered)}] {s.modality} {s.pair} {s.case_id}: {status} "
+            f"({dt:.1f} s; elapsed {elapsed / 60:.1f} min, ~{left / 60:.1f} min left)")
+
+    def drain(keep: int) -> None:
+        while len(pending) > keep:
+            fut, n, s, tim, t0 = pending.pop(0)
+            try:
+                tim["write"] = fut.result()
+                written.append(s.output)
+                status = "ok"
+            except Exception as exc:
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                failed.append(f"{s.name}: cannot write {s.output}: {reason}")
+                status = f"FAILED: {reason}"
+            finish(n, s, tim, t0, status)
+
     try:
         for n, s in enumerate(ordered, 1):
             t0 = time.time()
+            tim = {"output": s.output, "load": 0.0, "predict": 0.0, "write": 0.0}
             group = by_case[(s.source_field, s.case_id)]
             # keep only this case's volumes in memory
             for k in [k for k in cache if k not in {str(g.input_path) for g in group.values()}]:
@@ -362,28 +402,28 @@ def run(manifest: Manifest, *, model_dir: str | Path | None = None, model_name: 
                             others[g.contrast] = np.clip(cache[str(g.input_path)][1], 0.0, 1.0)
                 key = (s.contrast, s.field_bin)
                 vol = np.clip(data, 0.0, 1.0)
+                t1 = time.time()
+                tim["load"] = t1 - t0
                 pred = synths[key].predict(vol, vol > 0, others=others or None,
                                            batch_size=batch_size, tta=tta, threads=threads)
+                tim["predict"] = time.time() - t1
                 if tuple(np.shape(pred)) != tuple(manifest.volume_shape):
                     raise ValueError(f"model returned shape {np.shape(pred)}")
                 out_img = output_image(pred, img, data)
-                tmp_file = work / f"{n:04d}.nii.gz"
-                nib.save(out_img, str(tmp_file))
-                _move_in(tmp_file, s.output_path)
-                written.append(s.output)
-                status = "ok"
+                del pred
+                drain(0)  # the previous write must be done before queueing the next one
+                fut = pool.submit(write, out_img, work / f"{n:04d}.nii.gz", s.output_path)
+                pending.append((fut, n, s, tim, t0))
             except Exception as exc:  # one bad sample must not stop the others
                 reason = " ".join(str(exc).split()) or type(exc).__name__
                 failed.append(f"{s.name}: {reason}")
-                status = f"FAILED: {reason}"
-            dt = time.time() - t0
-            elapsed = time.time() - t_start
-            left = elapsed / n * (len(ordered) - n)
-            log(f"[{n}/{len(ordered)}] {s.modality} {s.pair} {s.case_id}: {status} "
-                f"({dt:.1f} s; elapsed {elapsed / 60:.1f} min, ~{left / 60:.1f} min left)")
+                drain(0)
+                finish(n, s, tim, t0, f"FAILED: {reason}")
+        drain(0)
     finally:
+        pool.shutdown(wait=True)
         shutil.rmtree(work, ignore_errors=True)
-    return RunResult(written, failed, time.time() - t_start)
+    return RunResult(written, failed, time.time() - t_start, timings, setup_seconds)
 
 
 # --------------------------------------------------------------------------------------------
