@@ -245,3 +245,21 @@ def test_with_the_real_registry(tmp_path, monkeypatch):
     assert rc == 0
     assert _files(out) == _expected(man)
     assert cmd.main(["--input-dir", str(inp), "--manifest", str(man), "--check", str(out)]) == 0
+
+
+def test_model_dir_and_name_from_environment(challenge, stand_in_registry, monkeypatch, tmp_path):
+    """A derived image bakes in a trained model with SYNTH7T_MODEL_DIR / SYNTH7T_MODEL_NAME."""
+    inp, out, man = challenge
+    seen = {}
+    real_load = stand_in_registry and sys.modules["synth7t.registry"].Registry.load
+
+    def load(model_dir=None):
+        seen["model_dir"] = model_dir
+        return real_load(model_dir)
+
+    monkeypatch.setattr(sys.modules["synth7t.registry"].Registry, "load", staticmethod(load))
+    monkeypatch.setenv("SYNTH7T_MODEL_DIR", str(tmp_path / "baked"))
+    monkeypatch.setenv("SYNTH7T_MODEL_NAME", "challenge")
+    assert cmd.main([]) == 0
+    assert Path(seen["model_dir"]) == tmp_path / "baked"
+    assert {entry[2] for entry, _ in stand_in_registry.calls} == {"challenge"}

@@ -7,7 +7,9 @@ Usage (inside the container the defaults are right)::
 
 Environment: ``INPUT_DIR`` (default ``/input``), ``OUTPUT_DIR`` (default ``/output``),
 ``MANIFEST`` (default ``$INPUT_DIR/manifest.json``), ``SYNTH7T_TMPDIR`` (temporary folder for
-outputs before they are moved in; default the system temp folder, never inside ``OUTPUT_DIR``).
+outputs before they are moved in; default the system temp folder, never inside ``OUTPUT_DIR``),
+``SYNTH7T_MODEL_DIR`` / ``SYNTH7T_MODEL_NAME`` (defaults of ``--model-dir`` / ``--model-name``, so
+an image derived from the synth7t image can bake in a trained model).
 
 Exit codes: 0 all written (or ``--check`` passed), 1 some samples failed (or ``--check`` found
 problems), 64 usage, 65 bad manifest / data, 66 manifest or an input missing, 73 cannot create the
@@ -33,10 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, default=None, help="default $OUTPUT_DIR or /output")
     p.add_argument("--manifest", type=Path, default=None,
                    help="default $MANIFEST or <input-dir>/manifest.json")
-    p.add_argument("--model-dir", type=Path, default=None,
-                   help="folder with a registry.json that overrides/extends the shipped models")
-    p.add_argument("--model-name", default="default",
-                   help="registry model name to use (default: default)")
+    p.add_argument("--model-dir", type=Path,
+                   default=Path(os.environ["SYNTH7T_MODEL_DIR"])
+                   if os.environ.get("SYNTH7T_MODEL_DIR") else None,
+                   help="folder with a registry.json that overrides/extends the shipped models "
+                        "(default $SYNTH7T_MODEL_DIR)")
+    p.add_argument("--model-name", default=os.environ.get("SYNTH7T_MODEL_NAME") or "default",
+                   help="registry model name to use (default $SYNTH7T_MODEL_NAME or 'default')")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
                    help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
