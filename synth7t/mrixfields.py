@@ -427,6 +427,57 @@ def run(manifest: Manifest, *, model_dir: str | Path | None = None, model_name: 
 
 
 # --------------------------------------------------------------------------------------------
+# a local test-phase input from a dataset split (for validation before submitting)
+# --------------------------------------------------------------------------------------------
+_DATA_RE = re.compile(r"^P_(?P<mod>T1W|T2W|T2FLAIR)_(?P<field>[0-9.]+T)_(?P<id>\d+)\.nii\.gz$")
+
+
+def prepare_input(split_dir: str | Path, input_dir: str | Path, *,
+                  sources: tuple[str, ...] | None = None) -> Path:
+    """Lay out a Task 1 input tree + ``manifest.json`` from a dataset split.
+
+    ``split_dir`` is a challenge split as distributed
+    (``{split}/{MOD}/{field}/P_{MOD}_{field}_{ID}.nii.gz``, e.g. ``Validating_prospective``).
+    Every paired source volume (0.1/1.5/3/5 T) becomes a sample; files are hard-linked when
+    possible, else copied. Returns the manifest path. Predictions of such a run can be scored with
+    ``synth7t-eval OUTPUT_DIR split_dir`` (the 7T volumes of the split are the ground truth).
+    """
+    split_dir, input_dir = Path(split_dir), Path(input_dir)
+    samples, shape = [], None
+    for mod in MODALITIES:
+        for src in sources or tuple(SOURCE_FIELDS):
+            folder = split_dir / mod / src
+            for f in sorted(folder.glob("P_*.nii.gz")) if folder.is_dir() else []:
+                m = _DATA_RE.match(f.name)
+                if not m or m["mod"] != mod or m["field"] != src:
+                    continue
+                pair = f"{src}_to_{TARGET_FIELD}"
+                rel_in = f"{mod}/{pair}/src/{f.name}"
+                dst = input_dir / rel_in
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if not dst.exists():
+                    try:
+                        os.link(f, dst)
+                    except OSError:
+                        shutil.copyfile(f, dst)
+                if shape is None:
+                    shape = [int(v) for v in nib.load(str(f)).shape[:3]]
+                samples.append({"task": TASK, "case_id": m["id"], "modality": mod,
+                                "source_field": src, "target_field": TARGET_FIELD,
+                                "pair": pair, "input": rel_in,
+                                "output": f"{mod}/{pair}/pred/P_{mod}_{TARGET_FIELD}_{m['id']}.nii.gz"})
+    if not samples:
+        raise ManifestError([f"{split_dir}: no P_{{MOD}}_{{field}}_{{ID}}.nii.gz source volumes "
+                             f"under {{MOD}}/{{field}}/"], EX_NOINPUT)
+    manifest = {"challenge": "MRIxFields2026", "phase": "test", "task": TASK,
+                "input_root": "/input", "output_root": "/output", "volume_shape": shape,
+                "samples": samples}
+    path = input_dir / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
 # submission check
 # --------------------------------------------------------------------------------------------
 def _all_files(root: Path):

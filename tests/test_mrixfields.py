@@ -263,3 +263,34 @@ def test_model_dir_and_name_from_environment(challenge, stand_in_registry, monke
     assert cmd.main([]) == 0
     assert Path(seen["model_dir"]) == tmp_path / "baked"
     assert {entry[2] for entry, _ in stand_in_registry.calls} == {"challenge"}
+
+
+def test_validation_loop_prepare_run_check_eval(tmp_path, stand_in_registry, capsys):
+    """Dataset split -> --prepare-from -> run -> --check -> synth7t-eval against its 7T volumes."""
+    import csv
+
+    from synth7t.commands import evaluate
+
+    split = tmp_path / "Validating_prospective"
+    seed = 100
+    for mod in MODS:
+        for field in SOURCES + ("7T",):
+            for cid in ("0041", "0042"):
+                seed += 1
+                f = split / mod / field / f"P_{mod}_{field}_{cid}.nii.gz"
+                f.parent.mkdir(parents=True, exist_ok=True)
+                nib.Nifti1Image(_brain(seed), AFFINE).to_filename(str(f))
+    inp, out = tmp_path / "input", tmp_path / "output"
+    assert cmd.main(["--prepare-from", str(split), "--input-dir", str(inp)]) == 0
+    man = inp / "manifest.json"
+    assert len(json.loads(man.read_text())["samples"]) == 24
+    args = ["--input-dir", str(inp), "--output-dir", str(out), "--tmp-dir", str(tmp_path / "t")]
+    assert cmd.main(args) == 0
+    assert cmd.main(["--input-dir", str(inp), "--check", str(out)]) == 0
+    res = tmp_path / "res"
+    assert evaluate.main([str(out), str(split), "-o", str(res), "--tissue-method", "none"]) == 0
+    rows = list(csv.DictReader(open(res / "per_case.csv")))
+    assert len(rows) == 24
+    assert {(r["modality"], r["source_field"]) for r in rows} == {
+        (m, s) for m in MODS for s in SOURCES}
+    assert all(r["gt"].endswith(f"/7T/P_{r['modality']}_7T_{r['case']}.nii.gz") for r in rows)

@@ -18,6 +18,7 @@ output folder.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default $SYNTH7T_TMPDIR or the system temp folder)")
     p.add_argument("--check", metavar="OUTPUT_DIR", type=Path, default=None,
                    help="only validate OUTPUT_DIR against the manifest (exit 0 valid, 1 not)")
+    p.add_argument("--prepare-from", metavar="SPLIT_DIR", type=Path, default=None,
+                   help="only lay out a test-phase input tree + manifest.json in --input-dir from "
+                        "a dataset split (e.g. Validating_prospective) and exit")
     p.add_argument("--version", action="version", version=f"synth7t-mrixfields {__version__}")
     return p
 
@@ -72,6 +76,20 @@ def main(argv=None) -> int:
     input_dir = args.input_dir or Path(os.environ.get("INPUT_DIR", "/input"))
     output_dir = args.output_dir or Path(os.environ.get("OUTPUT_DIR", "/output"))
     manifest_path = args.manifest or Path(os.environ.get("MANIFEST") or input_dir / "manifest.json")
+
+    if args.prepare_from is not None:
+        if args.input_dir is None:
+            _err("--prepare-from needs --input-dir (where the input tree is written)")
+            return MX.EX_USAGE
+        try:
+            path = MX.prepare_input(args.prepare_from, args.input_dir)
+        except MX.ManifestError as exc:
+            for line in exc.problems:
+                _err(line)
+            return exc.code
+        n = len(json.loads(path.read_text())["samples"])
+        print(f"wrote {path} with {n} samples")
+        return MX.EX_OK
 
     if args.check is not None:
         try:
