@@ -529,7 +529,7 @@ def check_ref_result(path: Path, *, min_dice: float = 0.8) -> np.ndarray:
     assert np.allclose(img.affine, REF_AFFINE, atol=1e-4), img.affine
     data = img.get_fdata(dtype=np.float32)
     assert np.isfinite(data).all()
-    assert data.min() >= 0 and data.max() <= 1.0 + 1e-6 and data.max() > 0.2
+    assert data.min() >= 0 and data.max() <= 1.0 + 1e-4 and data.max() > 0.2
     # 0.5 mm voxel 2i is 1 mm voxel i (same LAS box), so compare with the 1 mm template mask
     got = data[::2, ::2, ::2] > 0
     ref = template_mask_1mm()
