@@ -118,24 +118,31 @@ def crop_to_mask(slab: Slab, margin: int = 4) -> Slab:
 class SimulatorSource:
     """Random slabs simulated on the fly.
 
+    Each call renders one (source, 7T) pair of a random contrast and field on a box of the
+    reference grid: ``depth`` axial slices and, in-plane, a ``roi_size`` square placed at random
+    over the brain (``None``: the whole plane). Small boxes keep the simulator's share of the
+    training time low while the pool still sees the whole brain over a run.
+
     Parameters
     ----------
     simulator
         A :class:`synth7t.simulate.Simulator`; built from ICBM152 when ``None``.
     depth
         Axial slices per simulated slab.
+    roi_size
+        In-plane box edge (voxels) or ``None`` for the full 364 x 436 plane.
     fields, contrasts
         What to draw from.
-    z_range
-        Range of slab starts on the reference grid's axis 2 (defaults to where ICBM152 has brain).
     seed_offset
         Added to the drawn simulator seeds so held-out sets never share seeds with training.
+    deform
+        Random smooth deformation (shared by source and target).
     """
 
-    def __init__(self, simulator=None, *, depth: int = 24,
+    def __init__(self, simulator=None, *, depth: int = 16, roi_size: int | None = 208,
                  fields: Iterable[float] = SUPPORTED_BINS,
                  contrasts: Iterable[str] = CONTRASTS,
-                 z_range: tuple[int, int] | None = None, seed_offset: int = 0,
+                 extent: tuple[tuple[int, int], ...] | None = None, seed_offset: int = 0,
                  deform: bool = True) -> None:
         if simulator is None:
             from .simulate import Simulator
@@ -143,45 +150,60 @@ class SimulatorSource:
             simulator = Simulator.from_icbm152()
         self.sim = simulator
         self.depth = int(depth)
+        self.roi_size = roi_size
         self.fields = tuple(float(f) for f in fields)
         self.contrasts = tuple(contrasts)
         self.seed_offset = int(seed_offset)
         self.deform = deform
-        self.z_range = z_range or self._brain_z_range()
+        self.extent = extent or self._brain_extent()
+        self._cycle = 0
 
-    def _brain_z_range(self) -> tuple[int, int]:
+    def _brain_extent(self) -> tuple[tuple[int, int], ...]:
+        """Voxel bounds ``[(lo, hi)] * 3`` of the (undeformed) brain on the reference grid."""
+        mask = self.sim.brain_mask() if hasattr(self.sim, "brain_mask") else None
+        if mask is None or not np.asarray(mask).any():
+            return ((20, 344), (20, 416), (0, 330))
+        mask = np.asarray(mask)
+        out = []
+        for axis in range(3):
+            other = tuple(a for a in range(3) if a != axis)
+            idx = np.flatnonzero(mask.any(axis=other))
+            out.append((int(idx[0]), int(idx[-1]) + 1))
+        return tuple(out)
+
+    def roi(self, rng: np.random.Generator) -> tuple[slice, slice, slice]:
+        """A random box of the reference grid that overlaps the brain."""
         from .reference import REF_SHAPE
 
-        mask = getattr(self.sim, "brain_mask", None)
-        if callable(mask):
-            mask = mask()
-        if mask is not None and np.asarray(mask).shape == REF_SHAPE:
-            zs = np.flatnonzero(np.asarray(mask).any(axis=(0, 1)))
-            return int(zs[0]), int(max(zs[0] + 1, zs[-1] - self.depth + 1))
-        # ICBM152 brain in the MNI 0.5 mm box spans roughly slices 40-330 (axis 2).
-        return 40, 330 - self.depth
+        box = []
+        for axis in range(3):
+            size = self.depth if axis == 2 else (self.roi_size or REF_SHAPE[axis])
+            size = min(size, REF_SHAPE[axis])
+            lo, hi = self.extent[axis]
+            # a box start so that its centre falls inside the brain extent
+            a = int(np.clip(lo - size // 2, 0, REF_SHAPE[axis] - size))
+            b = int(np.clip(hi - size // 2, a, REF_SHAPE[axis] - size))
+            start = int(rng.integers(a, b + 1))
+            box.append(slice(start, start + size))
+        return tuple(box)  # type: ignore[return-value]
 
-    def make(self, rng: np.random.Generator) -> list[Slab]:
-        fb = float(rng.choice(self.fields))
+    def make(self, rng: np.random.Generator, *, contrast: str | None = None,
+             field_bin: float | None = None) -> list[Slab]:
+        fb = float(field_bin if field_bin is not None else rng.choice(self.fields))
+        c = contrast or str(rng.choice(self.contrasts))
         seed = int(rng.integers(0, 2 ** 31 - 1)) + self.seed_offset
-        z0 = int(rng.integers(self.z_range[0], self.z_range[1] + 1))
-        roi = (slice(None), slice(None), slice(z0, z0 + self.depth))
-        out = []
-        if len(self.contrasts) > 1 and hasattr(self.sim, "sample_all_contrasts"):
-            pairs = self.sim.sample_all_contrasts(field=fb, seed=seed, roi=roi)
-            items = [(c, pairs[c]) for c in self.contrasts if c in pairs]
-        else:
-            c = str(rng.choice(self.contrasts))
-            items = [(c, self.sim.sample(contrast=c, field=fb, seed=seed, roi=roi,
-                                         deform=self.deform))]
-        for c, pair in items:
-            mask = np.asarray(pair["mask"]).astype(bool)
-            if mask.sum() < 100:
-                continue
-            out.append(crop_to_mask(Slab(np.asarray(pair["source"], np.float32),
-                                         np.asarray(pair["target"], np.float32), mask, c, fb,
-                                         tag=f"sim:{c}:{fb:g}:seed{seed}:z{z0}")))
-        return out
+        roi = self.roi(rng)
+        pair = self.sim.sample(contrast=c, field=fb, seed=seed, roi=roi, deform=self.deform)
+        mask = np.asarray(pair["mask"]).astype(bool)
+        if mask.sum() < 200:
+            return []
+        tag = f"sim:{c}:{fb:g}:seed{seed}:" + ",".join(f"{s.start}-{s.stop}" for s in roi)
+        return [crop_to_mask(Slab(np.asarray(pair["source"], np.float32),
+                                  np.asarray(pair["target"], np.float32), mask, c, fb, tag=tag))]
+
+    def make_pair(self, rng: np.random.Generator, contrast: str, field_bin: float) -> list[Slab]:
+        """A slab of a given (contrast, field): used to build balanced held-out sets."""
+        return self.make(rng, contrast=contrast, field_bin=field_bin)
 
 
 @dataclass
@@ -504,9 +526,20 @@ def evaluate(net: UNet25D, slabs: list[Slab], *, batch_size: int = 8) -> dict:
 
 
 def validation_slabs(source: SlabSource, n: int, seed: int) -> list[Slab]:
-    """A fixed held-out set (its own seed; simulator seeds offset away from training)."""
+    """A fixed held-out set (its own seed; simulator seeds offset away from training).
+
+    For a simulator the set cycles through every (contrast, field) pair so each is scored.
+    """
     rng = np.random.default_rng(seed)
     slabs: list[Slab] = []
+    if isinstance(source, SimulatorSource):
+        pairs = [(c, f) for c in source.contrasts for f in source.fields]
+        i = 0
+        while len(slabs) < n and i < 20 * n:
+            c, f = pairs[len(slabs) % len(pairs)]
+            slabs.extend(source.make_pair(rng, c, f))
+            i += 1
+        return slabs[:n]
     while len(slabs) < n:
         slabs.extend(source.make(rng))
     return slabs[:n]
@@ -530,9 +563,10 @@ class TrainConfig:
     n_slices: int = 5
     base: int = 16
     levels: int = 4
-    pool_size: int = 24
-    refresh_every: int = 8
+    pool_size: int = 32
+    refresh_every: int = 4
     slab_depth: int = 16
+    roi_size: int = 208
     checkpoint_every: int = 200
     val_every: int = 0  # 0: only at checkpoints
     val_slabs: int = 12
@@ -677,7 +711,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
             self.opt.step()
             self.step += 1
-            lv = float(loss)
+            lv = float(loss.detach())
             running = lv if running is None else 0.98 * running + 0.02 * lv
             self.wall = wall0 + time.perf_counter() - start
             if self.step % 10 == 0 or self.step == 1:

@@ -55,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n-slices", type=int, default=5)
     m.add_argument("--base", type=int, default=16)
     m.add_argument("--slab-depth", type=int, default=16)
-    m.add_argument("--pool-size", type=int, default=24)
-    m.add_argument("--refresh-every", type=int, default=8)
-    m.add_argument("--val-slabs", type=int, default=12)
+    m.add_argument("--roi-size", type=int, default=208,
+                   help="in-plane edge of simulated boxes (0: whole plane)")
+    m.add_argument("--pool-size", type=int, default=32)
+    m.add_argument("--refresh-every", type=int, default=4, help="steps between new slabs")
+    m.add_argument("--val-slabs", type=int, default=24, help="held-out slabs (2 per pair)")
     m.add_argument("--max-minutes", type=float, default=0.0, help="stop after this wall time")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0)
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     data_desc: list[str] = []
     sim_source = None
     if args.simulated:
-        sim_source = SimulatorSource(depth=args.slab_depth, fields=fields, contrasts=contrasts)
+        sim_source = SimulatorSource(depth=args.slab_depth, roi_size=args.roi_size or None,
+                                     fields=fields, contrasts=contrasts)
         sources.append((sim_source, 1.0))
         data_desc.append("simulated pairs from the ICBM152 2009 anatomy (synth7t.simulate; random "
                          "fields, contrasts, protocols within the physics.json ranges, random "
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                       n_slices=init_net.config.n_slices if init_net else args.n_slices,
                       base=init_net.config.base if init_net else args.base,
                       pool_size=args.pool_size, refresh_every=args.refresh_every,
-                      slab_depth=args.slab_depth, checkpoint_every=args.checkpoint_every,
+                      slab_depth=args.slab_depth, roi_size=args.roi_size,
+                      checkpoint_every=args.checkpoint_every,
                       val_slabs=args.val_slabs, threads=args.threads, device=args.device,
                       max_minutes=args.max_minutes, data=data_desc,
                       warmup=20 if init_net is not None else 100)
@@ -147,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     # in use, else slabs of the given data (then *not* held out, and the card says so).
     val_note = "held-out simulated slabs (seed offset 10^9)"
     if sim_source is not None:
-        val_src = SimulatorSource(sim_source.sim, depth=args.slab_depth, fields=fields,
-                                  contrasts=contrasts, seed_offset=10 ** 9, z_range=sim_source.z_range)
+        val_src = SimulatorSource(sim_source.sim, depth=args.slab_depth,
+                                  roi_size=args.roi_size or None, fields=fields,
+                                  contrasts=contrasts, seed_offset=10 ** 9,
+                                  extent=sim_source.extent)
     else:
         val_src = VolumePairSource(real_pairs, depth=args.slab_depth)
         val_note = "slabs of the training pairs (no held-out real data)"
