@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -162,3 +163,63 @@ def test_cli_nothing_matches(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     assert evaluate.main([str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "o")]) == 66
+
+
+def test_lpips_equals_the_lpips_package(tmp_path, monkeypatch):
+    """Same numbers as lpips.LPIPS(net='alex', version='0.1') given the same backbone weights.
+
+    Runs only where the ``lpips`` package is installed (not a dependency). The AlexNet backbone is
+    randomly initialised (pnet_rand=True: nothing is downloaded); the linear layers are the real
+    v0.1 weights shipped inside the lpips package. Without torchvision a stub with torchvision's
+    AlexNet layer layout stands in.
+    """
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        import types
+
+        class _AlexNet(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.features = nn.Sequential(
+                    nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+                    nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+                    nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
+                    nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
+                    nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True),
+                    nn.MaxPool2d(3, 2))
+
+        tv, tvm = types.ModuleType("torchvision"), types.ModuleType("torchvision.models")
+        tvm.alexnet = lambda pretrained=False, **kw: _AlexNet()
+        tvm.vgg16 = tvm.squeezenet1_1 = None
+        tv.models = tvm
+        monkeypatch.setitem(sys.modules, "torchvision", tv)
+        monkeypatch.setitem(sys.modules, "torchvision.models", tvm)
+    lpips = pytest.importorskip("lpips")
+    torch.manual_seed(0)
+    ref = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True,
+                      verbose=False).eval()
+    feats = {}
+    for i, sl in enumerate((ref.net.slice1, ref.net.slice2, ref.net.slice3, ref.net.slice4,
+                            ref.net.slice5)):
+        for name, mod in sl.named_children():
+            for k, v in mod.state_dict().items():
+                feats[f"features.{name}.{k}"] = v
+    torch.save(feats, tmp_path / M.ALEXNET_FILE)
+    torch.save({f"lin{k}.model.1.weight": ref.lins[k].model[-1].weight for k in range(5)},
+               tmp_path / M.LPIPS_LIN_FILE)
+    mine = M.LPIPS.from_local(tmp_path)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        a = rng.random((64, 72)).astype(np.float32)
+        b = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1).astype(np.float32)
+
+        def t(x):
+            return torch.from_numpy(x * 2.0 - 1.0).float()[None, None].repeat(1, 3, 1, 1)
+
+        with torch.no_grad():
+            expected = float(ref(t(a), t(b)).item())
+        assert mine.slice_distance(a, b) == pytest.approx(expected, rel=1e-5, abs=1e-7)
