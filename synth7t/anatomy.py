@@ -171,16 +171,30 @@ def add_deep_nuclei(anat: Anatomy, nuclei: Mapping[str, dict] = DEEP_NUCLEI) -> 
 
     Fractions still sum to what they summed to before; only the tissue assignment changes.
     """
-    x, y, z = _world_grid(anat.affine, anat.shape)
+    inv = np.linalg.inv(anat.affine)
     weights: dict[str, np.ndarray] = {}
     for name, spec in nuclei.items():
         w = np.zeros(anat.shape, np.float32)
-        cx, cy, cz = spec["centre"]
-        ax, ay, az = spec["axes"]
+        centre, axes = np.asarray(spec["centre"], float), np.asarray(spec["axes"], float)
         for sx in (1.0, -1.0):
-            r = np.sqrt(((x - sx * cx) / ax) ** 2 + ((y - cy) / ay) ** 2 + ((z - cz) / az) ** 2)
+            c = centre * np.array([sx, 1.0, 1.0])
+            # evaluate only in the voxel box around the ellipsoid (1.5 semi-axes is ~0 weight)
+            corners = np.array([[c[0] + i * 1.5 * axes[0], c[1] + j * 1.5 * axes[1],
+                                 c[2] + k * 1.5 * axes[2], 1.0]
+                                for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)])
+            vox = (inv @ corners.T)[:3]
+            lo = np.clip(np.floor(vox.min(axis=1)).astype(int), 0, None)
+            hi = np.minimum(np.ceil(vox.max(axis=1)).astype(int) + 1, anat.shape)
+            if np.any(hi <= lo):
+                continue
+            box = tuple(slice(a, b) for a, b in zip(lo, hi))
+            sub_aff = anat.affine.copy()
+            sub_aff[:3, 3] = (anat.affine @ np.array([*lo, 1.0]))[:3]
+            x, y, z = _world_grid(sub_aff, hi - lo)
+            r = np.sqrt(((x - c[0]) / axes[0]) ** 2 + ((y - c[1]) / axes[1]) ** 2
+                        + ((z - c[2]) / axes[2]) ** 2)
             # logistic edge about 1 mm wide so nuclei have partial-volume borders
-            w = np.maximum(w, (1.0 / (1.0 + np.exp((r - 1.0) / 0.08))).astype(np.float32))
+            w[box] = np.maximum(w[box], 1.0 / (1.0 + np.exp((r - 1.0) / 0.08)))
         weights[name] = w
     total = sum(weights.values())
     scale = np.where(total > 1.0, 1.0 / np.maximum(total, 1e-6), 1.0).astype(np.float32)

@@ -290,7 +290,8 @@ class Simulator:
     def sample(self, contrast: str = "T1w", field: float = 1.5,
                seed: int | np.random.Generator | None = None, roi: Roi | None = None,
                deform: bool = True, *, source_bias: bool = False, target_bias: bool = False,
-               skull_strip: bool = True, roi_normalisation: str = "volume") -> dict[str, Any]:
+               skull_strip: bool = True, roi_normalisation: str = "volume",
+               noise: bool = True) -> dict[str, Any]:
         """Render one (source, 7 T target) pair.
 
         Parameters
@@ -316,6 +317,9 @@ class Simulator:
             percentile, so slabs have the intensity scale of the full image the model sees at
             inference; ``"roi"`` applies :func:`synth7t.intensity.normalise` to the ROI itself.
             Whole volumes (``roi=None``) always use :func:`~synth7t.intensity.normalise`.
+        noise
+            Add Rician noise (default). ``False`` renders the same draws without noise, e.g. to
+            measure the noise of a noisy render.
 
         Returns
         -------
@@ -324,14 +328,15 @@ class Simulator:
             outside ``mask`` (when skull-stripped); ``mask``: bool; ``params``: JSON-able dict.
         """
         return self._render((contrast,), field, seed, roi, deform, source_bias, target_bias,
-                            skull_strip, roi_normalisation)[contrast]
+                            skull_strip, roi_normalisation, noise)[contrast]
 
     def sample_all_contrasts(self, field: float = 1.5,
                              seed: int | np.random.Generator | None = None,
                              roi: Roi | None = None, deform: bool = True, *,
                              contrasts: Sequence[str] = CONTRASTS, source_bias: bool = False,
                              target_bias: bool = False, skull_strip: bool = True,
-                             roi_normalisation: str = "volume") -> dict[str, Any]:
+                             roi_normalisation: str = "volume",
+                             noise: bool = True) -> dict[str, Any]:
         """Render sources and 7 T targets of several contrasts sharing anatomy and deformation.
 
         Same parameters as :meth:`sample`.
@@ -344,7 +349,7 @@ class Simulator:
             plus ``"mask"`` (the shared brain mask) and ``"params"`` (shared draws).
         """
         return self._render(tuple(contrasts), field, seed, roi, deform, source_bias,
-                            target_bias, skull_strip, roi_normalisation)
+                            target_bias, skull_strip, roi_normalisation, noise)
 
     def brain_mask(self, roi: Roi | None = None) -> np.ndarray:
         """Undeformed brain mask (brain fraction > 0.5) on the reference grid or an ROI of it.
@@ -388,7 +393,7 @@ class Simulator:
     # rendering -------------------------------------------------------------------------------
     def _render(self, contrasts: tuple[str, ...], field: float, seed: Any, roi: Roi | None,
                 deform: bool, source_bias: bool, target_bias: bool, skull_strip: bool,
-                roi_normalisation: str) -> dict[str, Any]:
+                roi_normalisation: str, noise: bool = True) -> dict[str, Any]:
         field_key(field)  # validates the field
         for c in contrasts:
             if c not in CONTRASTS:
@@ -432,7 +437,7 @@ class Simulator:
             "anatomy": self.anatomy.name, "roi": [[int(a), int(b)] for a, b in zip(lo, hi)],
             "deform": bool(deform), "deformation": deformation.params(),
             "source_bias": bool(source_bias), "target_bias": bool(target_bias),
-            "skull_strip": bool(skull_strip),
+            "skull_strip": bool(skull_strip), "noise": bool(noise),
             "normalisation": "normalise" if (roi is None or roi_normalisation == "roi")
             else "volume-scale",
         }
@@ -445,13 +450,13 @@ class Simulator:
             img = img[tuple(slice(a - e, b - e) for a, b, e in zip(clo, chi, elo))]
             if ch.bias is not None:
                 img = img * self._smooth_field(ch.bias, clo, chi)
-            img = self._degrade(img, ch, clo, chi)[
+            img = self._degrade(img, ch, clo, chi, noise)[
                 tuple(slice(a - e, b - e) for a, b, e in zip(lo, hi, clo))]
             scale = None
             if roi is None or roi_normalisation == "roi":
                 norm = normalise(img, mask)
             else:
-                scale = self._volume_scale(ch)
+                scale = self._volume_scale(ch, noise)
                 norm = np.where(mask, np.clip(img / scale, 0.0, 1.0), 0.0)
             if not skull_strip:
                 norm = np.clip(img / (scale or _percentile(img, mask)), 0.0, 1.0)
@@ -542,8 +547,8 @@ class Simulator:
             out = _lin_interp_axis(out, ax, _coarse_positions(axes[ax], elo[ax], ehi[ax]))
         return out
 
-    def _degrade(self, img: np.ndarray, ch: _Channel, elo: np.ndarray,
-                 ehi: np.ndarray) -> np.ndarray:
+    def _degrade(self, img: np.ndarray, ch: _Channel, elo: np.ndarray, ehi: np.ndarray,
+                 noise: bool = True) -> np.ndarray:
         """Blur, sample at the effective voxel, add Rician noise there, and go back to 0.5 mm."""
         sig = ch.sigma_vox
         if np.any(sig > 0):
@@ -561,11 +566,14 @@ class Simulator:
         coarse = img
         for ax in range(3):
             coarse = _lin_interp_axis(coarse, ax, coarse_pos[ax])
-        sigma = ch.signals["WM"] / ch.snr
-        nrng = np.random.default_rng(ch.noise_seed)
-        re = coarse + nrng.normal(0.0, sigma, coarse.shape).astype(np.float32)
-        im = nrng.normal(0.0, sigma, coarse.shape).astype(np.float32)
-        noisy = np.sqrt(re * re + im * im)
+        if noise:
+            sigma = ch.signals["WM"] / ch.snr
+            nrng = np.random.default_rng(ch.noise_seed)
+            re = coarse + nrng.normal(0.0, sigma, coarse.shape).astype(np.float32)
+            im = nrng.normal(0.0, sigma, coarse.shape).astype(np.float32)
+            noisy = np.sqrt(re * re + im * im)
+        else:
+            noisy = coarse
         return _upsample(noisy, steps, img.shape, offsets).astype(np.float32)
 
     # volume-level normalisation scale for ROIs -------------------------------------------------
@@ -581,7 +589,7 @@ class Simulator:
                 "texture": self.anatomy.texture.ravel()[idx], "world": world,
                 "n1": rng.standard_normal(len(idx)), "n2": rng.standard_normal(len(idx))}
 
-    def _volume_scale(self, ch: _Channel) -> float:
+    def _volume_scale(self, ch: _Channel, noise: bool = True) -> float:
         """Estimate of the whole volume's upper percentile (what normalise() would use)."""
         p = self._proxy
         sig = sum(ch.signals[t] * f for t, f in p["fractions"].items()
@@ -592,7 +600,7 @@ class Simulator:
             sig = sig * ch.bias(p["world"])
         # blur shrinks peaks and linear upsampling averages noise; about half the noise std
         # survives at the 0.5 mm grid for the voxel sizes used here
-        sigma = 0.5 * ch.signals["WM"] / ch.snr
+        sigma = 0.5 * ch.signals["WM"] / ch.snr if noise else 0.0
         noisy = np.sqrt((sig + sigma * p["n1"]) ** 2 + (sigma * p["n2"]) ** 2)
         return max(float(np.percentile(noisy, UPPER_PERCENTILE)), 1e-12)
 
