@@ -9,7 +9,9 @@ import argparse
 import json
 from pathlib import Path
 
-from .baseline import table_params, write_params
+import numpy as np
+
+from .baseline import TISSUES, kmeans_1d, table_params, write_params
 from .fields import CONTRASTS, SUPPORTED_BINS
 from .registry import MODELS_DIR, REGISTRY_FILE, SCHEMA, sha256_file
 
@@ -103,8 +105,66 @@ def write_baseline(folder: Path = MODELS_DIR, params: dict | None = None, *,
     new = baseline_entries(folder, names=names,
                            note="default points to the non-deep baseline until a trained "
                                 "model ships")
-    write_registry(folder, merge_entries(read_registry(folder), new))
+    merged = merge_entries(read_registry(folder), new)
+    sha = card["SHA256"]
+    for e in merged:  # any other entry pointing at the parameters file must follow its hash
+        if e.get("file") == BASELINE_PARAMS:
+            e["sha256"] = sha
+    write_registry(folder, merged)
     return new
+
+
+def simulator_params(sim=None, *, slabs: int = 4, depth: int = 8, seed: int = 0) -> dict:
+    """Baseline parameters from the simulator and :mod:`synth7t.physics`.
+
+    ``targets_7t``: per contrast, the 3-class k-means medians (the baseline's own classifier) of
+    simulated ICBM152 7T targets (``slabs`` full-plane axial slabs spread over the brain, no
+    deformation), named by the order of the 7T tissue signals. ``source_signal``: nominal-protocol
+    tissue signals of ``synth7t.physics`` at each source field (only their order is used).
+    """
+    from .reference import REF_SHAPE
+
+    if sim is None:
+        from .simulate import Simulator
+
+        sim = Simulator.from_icbm152()
+    phys = sim.physics
+    params = table_params()
+    mask = sim.brain_mask()
+    zs = np.flatnonzero(mask.any(axis=(0, 1)))
+    starts = np.linspace(zs[0] + 0.2 * (zs[-1] - zs[0]), zs[0] + 0.8 * (zs[-1] - zs[0]),
+                         slabs).astype(int)
+    targets, sources = {}, {}
+    for c in CONTRASTS:
+        vals = []
+        for k, z0 in enumerate(starts):
+            roi = (slice(0, REF_SHAPE[0]), slice(0, REF_SHAPE[1]), slice(int(z0), int(z0) + depth))
+            pair = sim.sample(contrast=c, field=SUPPORTED_BINS[0], seed=seed + k, roi=roi,
+                              deform=False)
+            t = pair["target"][pair["mask"]]
+            vals.append(t[t > 0])
+        _, med = kmeans_1d(np.concatenate(vals), 3)
+        sig7 = phys.tissue_signals(c, 7.0, tissues=TISSUES)
+        order7 = sorted(TISSUES, key=lambda t: sig7[t])
+        targets[c] = {t: round(float(med[i]), 4) for i, t in enumerate(order7)}
+        sources[c] = {}
+        for b in SUPPORTED_BINS:
+            sig = phys.tissue_signals(c, b, tissues=TISSUES)
+            top = max(sig.values())
+            sources[c][f"{b:g}"] = {t: round(v / top, 4) for t, v in sig.items()}
+    params["targets_7t"] = targets
+    params["source_signal"] = sources
+    params["targets_source"] = "synth7t.simulate (ICBM152 7T targets) and synth7t.physics"
+    params["derivation"] = (
+        "targets_7t: per contrast, 3-class 1-D k-means medians (the baseline's own classifier) of "
+        f"simulated ICBM152 7T targets (synth7t.simulate, {slabs} full-plane slabs of {depth} "
+        "axial slices between 20 % and 80 % of the brain's axial extent, no deformation, seeds "
+        f"{seed}..{seed + slabs - 1}), classes named CSF/GM/WM by the order of the 7T tissue "
+        "signals of synth7t.physics (nominal 7T protocol). source_signal: tissue signals of "
+        "synth7t.physics at the nominal protocol of each source field, relative to the brightest "
+        "(only their order is used to name the source classes). Physics table: "
+        "synth7t/data/physics.json (FIELD_PHYSICS.md).")
+    return params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=["baseline"])
     parser.add_argument("--folder", type=Path, default=MODELS_DIR)
     parser.add_argument("--default-to-baseline", action="store_true")
+    parser.add_argument("--from-simulator", action="store_true",
+                        help="derive the 7T targets from the simulator (else the design tables)")
     args = parser.parse_args(argv)
-    write_baseline(args.folder, default_to_baseline=args.default_to_baseline)
+    params = simulator_params() if args.from_simulator else table_params()
+    write_baseline(args.folder, params, default_to_baseline=args.default_to_baseline)
     return 0
 
 
