@@ -1,0 +1,81 @@
+"""Anatomical preprocessing: conform, N4 bias-field correction, skull stripping."""
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from .interfaces import Conform, DetectSkullStripped, N4BiasFieldCorrection, SkullStrip
+
+
+def init_anat_preproc_wf(*, contrast: str, skull_strip: str = "auto", is_anchor: bool = True,
+                         omp_nthreads: int = 1, seed: int = 0, name: str | None = None):
+    """Conform, bias-correct and (for the anatomical reference) brain-extract one image.
+
+    The anatomical reference (``is_anchor``; T1w when present) is skull-stripped here; the
+    other contrasts get their mask from the reference through their rigid registration
+    (:func:`workflows.registration.init_register_wf`), and only need to know whether they are
+    already brain-extracted (to pick the registration target).
+
+    Parameters
+    ----------
+    contrast : str
+        ``T1w``, ``T2w`` or ``FLAIR``.
+    skull_strip : str
+        ``auto`` (detect brain-extracted input), ``force`` or ``skip``.
+    is_anchor : bool
+        Whether this image is the anatomical reference.
+    omp_nthreads : int
+        Threads per node.
+    seed : int
+        Random seed for brain extraction.
+    name : str, optional
+        Workflow name (default ``anat_preproc_<contrast>_wf``).
+
+    Inputs
+    ------
+    in_file
+        Raw BIDS image.
+
+    Outputs
+    -------
+    preproc
+        Conformed (RAS, float32) and N4-corrected image.
+    brain
+        Brain-extracted ``preproc`` (reference only).
+    mask
+        Brain mask (reference only).
+    input_stripped
+        Whether the input was already brain-extracted.
+    warnings
+        Header repairs made by conform.
+    """
+    wf = pe.Workflow(name=name or f"anat_preproc_{contrast.lower()}_wf")
+    inputnode = pe.Node(niu.IdentityInterface(fields=["in_file"]), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(
+        fields=["preproc", "brain", "mask", "input_stripped", "warnings"]), name="outputnode")
+
+    conform = pe.Node(Conform(), name="conform", mem_gb=0.5)
+    n4 = pe.Node(N4BiasFieldCorrection(omp_nthreads=omp_nthreads), name="n4",
+                 n_procs=omp_nthreads, mem_gb=1.0)
+    wf.connect([
+        (inputnode, conform, [("in_file", "in_file")]),
+        (conform, n4, [("out_file", "in_file")]),
+        (conform, outputnode, [("warnings", "warnings")]),
+        (n4, outputnode, [("out_file", "preproc")]),
+    ])
+    if is_anchor:
+        strip = pe.Node(SkullStrip(mode=skull_strip, omp_nthreads=omp_nthreads, seed=seed),
+                        name="skull_strip", n_procs=omp_nthreads, mem_gb=1.5)
+        wf.connect([
+            (n4, strip, [("out_file", "in_file")]),
+            (strip, outputnode, [("out_file", "brain"), ("out_mask", "mask"),
+                                 ("input_stripped", "input_stripped")]),
+        ])
+    else:
+        detect = pe.Node(DetectSkullStripped(mode=skull_strip), name="detect_skull_stripped",
+                         mem_gb=0.5)
+        wf.connect([
+            (conform, detect, [("out_file", "in_file")]),
+            (detect, outputnode, [("stripped", "input_stripped")]),
+        ])
+    return wf

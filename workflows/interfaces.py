@@ -1,0 +1,467 @@
+"""Nipype interfaces wrapping the ``synth7t`` science functions.
+
+Every interface is a :class:`~nipype.interfaces.base.SimpleInterface` whose ``_run_interface``
+imports the ``synth7t`` function it wraps (so importing this module stays cheap and worker
+processes load torch/antspy only when they need them). Thread counts are ``nohash`` inputs:
+changing ``--omp-nthreads`` never invalidates the cache.
+
+Transform lists follow the ANTs convention (``antsApplyTransforms -t``): the *last* transform is
+applied first to the moving image, e.g. ``[T1w->ref, T2w->T1w]`` maps a T2w image to the
+reference grid and ``[T1w->T2w, ref->T1w]`` maps a reference-grid image to the T2w grid.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from .storage import MNI_CODE, SCANNER_CODE, save_image
+
+LOGGER = logging.getLogger("nipype.interface")
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii", ".mat", ".h5", ".txt"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return Path(path).stem
+
+
+def _out(runtime, in_file: str, tag: str, ext: str = ".nii.gz") -> str:
+    return str(Path(runtime.cwd) / f"{_stem(in_file)}_{tag}{ext}")
+
+
+def _load(path):
+    import nibabel as nb
+
+    return nb.load(str(path))
+
+
+class _ThreadsInputSpec(BaseInterfaceInputSpec):
+    omp_nthreads = traits.Int(1, usedefault=True, nohash=True,
+                              desc="threads for ITK/torch (does not affect the cache)")
+
+
+# --------------------------------------------------------------------------- conform
+class _ConformInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="raw BIDS image")
+
+
+class _ConformOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="float32 RAS image with repaired header")
+    warnings = traits.List(traits.Str, desc="header problems found and repaired")
+
+
+class Conform(SimpleInterface):
+    """Validate and conform an image (:func:`synth7t.io.conform`)."""
+
+    input_spec = _ConformInputSpec
+    output_spec = _ConformOutputSpec
+
+    def _run_interface(self, runtime):
+        from synth7t.io import atomic_write_nifti, conform, load_image
+
+        img = load_image(self.inputs.in_file)
+        out, warnings = conform(img, name=Path(self.inputs.in_file).name)
+        for msg in warnings:
+            LOGGER.warning("%s: %s", Path(self.inputs.in_file).name, msg)
+        out_file = _out(runtime, self.inputs.in_file, "conform")
+        atomic_write_nifti(out, out_file)
+        self._results["out_file"] = out_file
+        self._results["warnings"] = [str(w) for w in warnings]
+        return runtime
+
+
+# --------------------------------------------------------------------------- N4
+class _N4InputSpec(_ThreadsInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    mask_file = File(exists=True, desc="optional mask restricting the bias-field fit")
+
+
+class _N4OutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+
+
+class N4BiasFieldCorrection(SimpleInterface):
+    """N4 bias-field correction at native resolution (:func:`synth7t.preprocess.n4_correct`)."""
+
+    input_spec = _N4InputSpec
+    output_spec = _N4OutputSpec
+
+    def _run_interface(self, runtime):
+        from synth7t.io import atomic_write_nifti
+        from synth7t.preprocess import n4_correct
+
+        mask = _load(self.inputs.mask_file) if isdefined(self.inputs.mask_file) else None
+        out = n4_correct(_load(self.inputs.in_file), mask=mask, threads=self.inputs.omp_nthreads)
+        out_file = _out(runtime, self.inputs.in_file, "n4")
+        atomic_write_nifti(out, out_file)
+        self._results["out_file"] = out_file
+        return runtime
+
+
+# --------------------------------------------------------------------------- skull stripping
+def _mask_from_nonzero(img):
+    """Brain mask of an already brain-extracted image: non-zero voxels, holes filled."""
+    import numpy as np
+    from scipy import ndimage
+
+    data = np.asanyarray(img.dataobj)
+    mask = np.nan_to_num(data) > 0
+    mask = ndimage.binary_fill_holes(mask)
+    return mask
+
+
+def _is_stripped(img, mode: str) -> bool:
+    if mode == "skip":
+        return True
+    if mode == "force":
+        return False
+    from synth7t.preprocess import detect_skull_stripped
+
+    return bool(detect_skull_stripped(img))
+
+
+class _SkullStripInputSpec(_ThreadsInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="bias-corrected image")
+    mode = traits.Enum("auto", "force", "skip", usedefault=True,
+                       desc="auto: detect brain-extracted input; force: always strip; "
+                            "skip: trust the input is brain-extracted")
+    seed = traits.Int(0, usedefault=True, desc="random seed")
+
+
+class _SkullStripOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="brain-extracted image")
+    out_mask = File(exists=True, desc="brain mask (uint8)")
+    input_stripped = traits.Bool(desc="the input was already brain-extracted")
+
+
+class SkullStrip(SimpleInterface):
+    """Brain extraction (:func:`synth7t.preprocess.skull_strip`), honouring ``--skull-strip``."""
+
+    input_spec = _SkullStripInputSpec
+    output_spec = _SkullStripOutputSpec
+
+    def _run_interface(self, runtime):
+        import numpy as np
+
+        img = _load(self.inputs.in_file)
+        stripped = _is_stripped(img, self.inputs.mode)
+        if stripped:
+            mask = _mask_from_nonzero(img)
+        else:
+            from synth7t.preprocess import skull_strip
+
+            _, mask_img = skull_strip(img, threads=self.inputs.omp_nthreads,
+                                      seed=self.inputs.seed)
+            mask = np.asanyarray(mask_img.dataobj) > 0
+            if mask.shape != img.shape[:3] or not np.allclose(mask_img.affine, img.affine,
+                                                              atol=1e-3):
+                raise RuntimeError("skull_strip returned a mask on another grid than its input")
+        brain_data = np.asanyarray(img.dataobj).astype(np.float32) * mask
+        out_file = _out(runtime, self.inputs.in_file, "brain")
+        out_mask = _out(runtime, self.inputs.in_file, "mask")
+        save_image(brain_data, img.affine, out_file, dtype="float32", code=SCANNER_CODE)
+        save_image(mask, img.affine, out_mask, dtype="uint8", code=SCANNER_CODE)
+        self._results.update(out_file=out_file, out_mask=out_mask, input_stripped=stripped)
+        return runtime
+
+
+class _DetectInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    mode = traits.Enum("auto", "force", "skip", usedefault=True)
+
+
+class _DetectOutputSpec(TraitedSpec):
+    stripped = traits.Bool(desc="the image is brain-extracted")
+
+
+class DetectSkullStripped(SimpleInterface):
+    """Whether an image is already brain-extracted (:func:`~synth7t.preprocess.detect_skull_stripped`)."""
+
+    input_spec = _DetectInputSpec
+    output_spec = _DetectOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results["stripped"] = _is_stripped(_load(self.inputs.in_file), self.inputs.mode)
+        return runtime
+
+
+# --------------------------------------------------------------------------- registration
+class _RegisterToReferenceInputSpec(_ThreadsInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="brain-extracted anatomical reference")
+    in_mask = File(exists=True, mandatory=True, desc="its brain mask")
+    seed = traits.Int(0, usedefault=True)
+
+
+class _RegisterToReferenceOutputSpec(TraitedSpec):
+    forward_transform = File(exists=True, desc="native -> reference (ITK .h5)")
+    reverse_transform = File(exists=True, desc="reference -> native (ITK .h5)")
+
+
+class RegisterToReference(SimpleInterface):
+    """Register a brain to the MRIxFields reference (:func:`synth7t.preprocess.register_to_reference`)."""
+
+    input_spec = _RegisterToReferenceInputSpec
+    output_spec = _RegisterToReferenceOutputSpec
+
+    def _run_interface(self, runtime):
+        from synth7t.preprocess import register_to_reference
+
+        xfms = register_to_reference(
+            _load(self.inputs.in_file), _load(self.inputs.in_mask),
+            out_prefix=str(Path(runtime.cwd) / "to_ref_"),
+            threads=self.inputs.omp_nthreads, seed=self.inputs.seed,
+        )
+        self._results["forward_transform"] = str(xfms["forward"])
+        self._results["reverse_transform"] = str(xfms["inverse"])
+        return runtime
+
+
+def invert_linear_itk(in_file: str, out_file: str) -> str:
+    """Write the inverse of an ITK linear transform (.mat/.txt) as ITK text (nitransforms)."""
+    import numpy as np
+    from nitransforms.io.itk import ITKLinearTransform
+
+    xfm = ITKLinearTransform.from_filename(in_file)
+    inv = ITKLinearTransform.from_ras(np.linalg.inv(xfm.to_ras()))
+    inv.to_filename(out_file)
+    return out_file
+
+
+def linear_itk_to_txt(in_file: str, out_file: str) -> str:
+    """Copy an ITK linear transform to the ITK text format (``*_xfm.txt`` derivatives)."""
+    from nitransforms.io.itk import ITKLinearTransform
+
+    ITKLinearTransform.from_ras(ITKLinearTransform.from_filename(in_file).to_ras()) \
+        .to_filename(out_file)
+    return out_file
+
+
+class _RegisterRigidInputSpec(_ThreadsInputSpec):
+    moving_file = File(exists=True, mandatory=True)
+    fixed_file = File(exists=True, mandatory=True)
+    seed = traits.Int(0, usedefault=True)
+
+
+class _RegisterRigidOutputSpec(TraitedSpec):
+    forward_transform = File(exists=True, desc="moving -> fixed (ITK text)")
+    reverse_transform = File(exists=True, desc="fixed -> moving (ITK text)")
+
+
+class RegisterRigid(SimpleInterface):
+    """Rigid registration (:func:`synth7t.preprocess.register_rigid`) and its exact inverse."""
+
+    input_spec = _RegisterRigidInputSpec
+    output_spec = _RegisterRigidOutputSpec
+
+    def _run_interface(self, runtime):
+        from synth7t.preprocess import register_rigid
+
+        xfm = register_rigid(
+            _load(self.inputs.moving_file), _load(self.inputs.fixed_file),
+            out_prefix=str(Path(runtime.cwd) / "rigid_"),
+            threads=self.inputs.omp_nthreads, seed=self.inputs.seed,
+        )
+        cwd = Path(runtime.cwd)
+        self._results["forward_transform"] = linear_itk_to_txt(str(xfm), str(cwd / "fwd_xfm.txt"))
+        self._results["reverse_transform"] = invert_linear_itk(str(xfm), str(cwd / "inv_xfm.txt"))
+        return runtime
+
+
+# --------------------------------------------------------------------------- resampling
+class _MaskToReferenceInputSpec(BaseInterfaceInputSpec):
+    in_mask = File(exists=True, mandatory=True, desc="native brain mask")
+    transforms = InputMultiObject(File(exists=True), mandatory=True,
+                                  desc="native -> reference (ANTs order)")
+
+
+class _MaskOutputSpec(TraitedSpec):
+    out_mask = File(exists=True)
+
+
+class MaskToReference(SimpleInterface):
+    """Resample a brain mask into the 0.5 mm reference grid (uint8, MNI sform)."""
+
+    input_spec = _MaskToReferenceInputSpec
+    output_spec = _MaskOutputSpec
+
+    def _run_interface(self, runtime):
+        import numpy as np
+
+        from synth7t.preprocess import to_reference
+
+        mask = _load(self.inputs.in_mask)
+        mask = mask.__class__(np.asanyarray(mask.dataobj).astype("float32"), mask.affine)
+        out = to_reference(mask, list(self.inputs.transforms), interpolation="linear")
+        out_mask = _out(runtime, self.inputs.in_mask, "ref")
+        save_image(np.asanyarray(out.dataobj) >= 0.5, out.affine, out_mask, dtype="uint8",
+                   code=MNI_CODE)
+        self._results["out_mask"] = out_mask
+        return runtime
+
+
+class _MaskToNativeInputSpec(BaseInterfaceInputSpec):
+    in_mask = File(exists=True, mandatory=True, desc="mask on another grid")
+    reference_file = File(exists=True, mandatory=True, desc="image defining the target grid")
+    transforms = InputMultiObject(File(exists=True), mandatory=True,
+                                  desc="source grid -> target grid (ANTs order)")
+
+
+class MaskToNative(SimpleInterface):
+    """Resample a mask onto another native grid (:func:`synth7t.preprocess.to_native`)."""
+
+    input_spec = _MaskToNativeInputSpec
+    output_spec = _MaskOutputSpec
+
+    def _run_interface(self, runtime):
+        import numpy as np
+
+        from synth7t.preprocess import to_native
+
+        mask = _load(self.inputs.in_mask)
+        mask = mask.__class__(np.asanyarray(mask.dataobj).astype("float32"), mask.affine)
+        ref = _load(self.inputs.reference_file)
+        out = to_native(mask, ref, list(self.inputs.transforms), interpolation="linear")
+        out_mask = _out(runtime, self.inputs.reference_file, "mask")
+        save_image(np.asanyarray(out.dataobj) >= 0.5, ref.affine, out_mask, dtype="uint8",
+                   code=SCANNER_CODE)
+        self._results["out_mask"] = out_mask
+        return runtime
+
+
+class _PrepareInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="bias-corrected native image")
+    ref_mask = File(exists=True, mandatory=True, desc="brain mask on the reference grid")
+    transforms = InputMultiObject(File(exists=True), mandatory=True,
+                                  desc="native -> reference (ANTs order)")
+    storage_dtype = traits.Enum("uint16", "int16", "float32", usedefault=True)
+
+
+class _PrepareOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="reference-grid brain, [0, 1], 0 outside the mask")
+
+
+class PrepareSynthesisInput(SimpleInterface):
+    """Resample to the reference grid, skull-strip with the reference mask, normalise to [0, 1]."""
+
+    input_spec = _PrepareInputSpec
+    output_spec = _PrepareOutputSpec
+
+    def _run_interface(self, runtime):
+        import numpy as np
+
+        from synth7t.intensity import normalise
+        from synth7t.preprocess import to_reference
+
+        out = to_reference(_load(self.inputs.in_file), list(self.inputs.transforms),
+                           interpolation="linear")
+        mask = np.asanyarray(_load(self.inputs.ref_mask).dataobj) > 0
+        data = normalise(np.asanyarray(out.dataobj), mask)
+        out_file = _out(runtime, self.inputs.in_file, "ref")
+        save_image(data, out.affine, out_file, dtype=self.inputs.storage_dtype, code=MNI_CODE)
+        self._results["out_file"] = out_file
+        return runtime
+
+
+class _SynthesizeInputSpec(_ThreadsInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="reference-grid input in [0, 1]")
+    mask_file = File(exists=True, mandatory=True, desc="reference-grid brain mask")
+    contrast = traits.Enum("T1w", "T2w", "FLAIR", mandatory=True)
+    field_bin = traits.Float(mandatory=True, desc="source field bin (T)")
+    model_name = traits.Str("default", usedefault=True, desc="registry entry name")
+    model_sha256 = traits.Str(desc="SHA-256 of the weights chosen at build time (cache key)")
+    model_dir = traits.Str(desc="--model-dir (registry.json overriding the shipped one)")
+    passthrough = traits.Bool(False, usedefault=True,
+                              desc="7 T input: copy the normalised input, no synthesis")
+    device = traits.Enum("auto", "cpu", "cuda", usedefault=True)
+    storage_dtype = traits.Enum("uint16", "int16", "float32", usedefault=True)
+
+
+class _SynthesizeOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="synthetic 7T image on the reference grid")
+
+
+class Synthesize(SimpleInterface):
+    """Field-specific 7T synthesis (:mod:`synth7t.registry`, :mod:`synth7t.inference`)."""
+
+    input_spec = _SynthesizeInputSpec
+    output_spec = _SynthesizeOutputSpec
+
+    def _run_interface(self, runtime):
+        import numpy as np
+
+        from synth7t.intensity import normalise
+
+        img = _load(self.inputs.in_file)
+        volume = np.asanyarray(img.dataobj, dtype=np.float32)
+        mask = np.asanyarray(_load(self.inputs.mask_file).dataobj) > 0
+        if self.inputs.passthrough:
+            out = normalise(volume, mask)
+        else:
+            from synth7t.inference import resolve_device
+            from synth7t.registry import Registry, load_synthesizer
+
+            model_dir = self.inputs.model_dir if isdefined(self.inputs.model_dir) else None
+            entry = Registry.load(model_dir or None).get(
+                self.inputs.contrast, self.inputs.field_bin, name=self.inputs.model_name)
+            sha = getattr(entry, "sha256", None)
+            if isdefined(self.inputs.model_sha256) and sha and sha != self.inputs.model_sha256:
+                raise RuntimeError(
+                    f"model {self.inputs.model_name} for {self.inputs.contrast} at "
+                    f"{self.inputs.field_bin:g} T changed since the graph was built "
+                    f"(sha256 {sha} != {self.inputs.model_sha256})")
+            device = str(resolve_device(self.inputs.device))
+            synth = load_synthesizer(entry, device=device)
+            out = synth.predict(volume, mask, threads=self.inputs.omp_nthreads)
+        out = np.clip(np.nan_to_num(np.asarray(out, dtype=np.float32)), 0.0, 1.0)
+        out[~mask] = 0.0
+        out_file = str(Path(runtime.cwd) / f"synth7T_{self.inputs.contrast}.nii.gz")
+        save_image(out, img.affine, out_file, dtype=self.inputs.storage_dtype, code=MNI_CODE)
+        self._results["out_file"] = out_file
+        return runtime
+
+
+class _ToNativeInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="reference-grid image in [0, 1]")
+    reference_file = File(exists=True, mandatory=True, desc="native image defining the grid")
+    mask_file = File(exists=True, mandatory=True, desc="native brain mask")
+    transforms = InputMultiObject(File(exists=True), mandatory=True,
+                                  desc="reference -> native (ANTs order)")
+
+
+class _ToNativeOutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+
+
+class ToNative(SimpleInterface):
+    """Bring a synthetic image back to native space (:func:`synth7t.preprocess.to_native`)."""
+
+    input_spec = _ToNativeInputSpec
+    output_spec = _ToNativeOutputSpec
+
+    def _run_interface(self, runtime):
+        import numpy as np
+
+        from synth7t.preprocess import to_native
+
+        ref = _load(self.inputs.reference_file)
+        out = to_native(_load(self.inputs.in_file), ref, list(self.inputs.transforms),
+                        interpolation="linear")
+        data = np.clip(np.nan_to_num(np.asanyarray(out.dataobj, dtype=np.float32)), 0.0, 1.0)
+        mask = np.asanyarray(_load(self.inputs.mask_file).dataobj) > 0
+        data[~mask] = 0.0
+        out_file = _out(runtime, self.inputs.in_file, "native")
+        save_image(data, ref.affine, out_file, dtype="float32", code=SCANNER_CODE)
+        self._results["out_file"] = out_file
+        return runtime

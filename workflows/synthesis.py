@@ -1,0 +1,182 @@
+"""Field-specific 7T synthesis on the MRIxFields grid, and back to native space."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from synth7t.fields import bin_label
+
+from .interfaces import MaskToReference, PrepareSynthesisInput, Synthesize, ToNative
+
+LOGGER = logging.getLogger("synth7t")
+
+
+class ModelNotFoundError(LookupError):
+    """No model in the registry for a (contrast, field bin)."""
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model picked at graph-build time for one input."""
+
+    name: str
+    sha256: str
+    provenance: dict = field(default_factory=dict)
+    passthrough: bool = False
+    fallback: bool = False  # True when the baseline replaced a missing default model
+
+
+PASSTHROUGH_PROVENANCE = {
+    "Name": "passthrough",
+    "Kind": "none",
+    "Description": "input acquired at 7 T: brain-extracted and normalised to [0, 1], "
+                   "no synthesis model applied",
+}
+
+
+def _json_safe(obj) -> dict:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def select_model(registry, contrast: str, routing, *, model_name: str = "default") -> ModelChoice:
+    """Choose the model for ``contrast`` at the routed field bin (graph-build time).
+
+    A missing ``default`` model falls back to the ``baseline`` entry with a warning; 7 T inputs
+    are passed through.
+
+    Raises
+    ------
+    ModelNotFoundError
+        Neither the requested nor the baseline model exists.
+    """
+    if routing.passthrough:
+        return ModelChoice(name="passthrough", sha256="", provenance=dict(PASSTHROUGH_PROVENANCE),
+                           passthrough=True)
+    names = [model_name] + (["baseline"] if model_name == "default" else [])
+    errors = []
+    for i, name in enumerate(names):
+        try:
+            entry = registry.get(contrast, routing.bin, name=name)
+        except Exception as exc:  # noqa: BLE001 - registry lookups raise KeyError/LookupError
+            errors.append(f"{name}: {exc}")
+            continue
+        if i:
+            LOGGER.warning("no '%s' model for %s at %s; using '%s'", model_name, contrast,
+                           bin_label(routing.bin), name)
+        prov = entry.provenance() if hasattr(entry, "provenance") else {"Name": name}
+        return ModelChoice(name=getattr(entry, "name", name) or name,
+                           sha256=str(getattr(entry, "sha256", "") or ""),
+                           provenance=_json_safe(prov), fallback=bool(i))
+    raise ModelNotFoundError(
+        f"no synthesis model for {contrast} at {bin_label(routing.bin)} "
+        f"({'; '.join(errors)}); add one with --model-dir"
+    )
+
+
+def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, ModelChoice],
+                      field_bins: dict[str, float], model_dir: str | None = None,
+                      device: str = "auto", storage_dtype: str = "uint16",
+                      omp_nthreads: int = 1, name: str = "synthesis_wf"):
+    """Synthesise 7T images: one synthesis node per contrast, models fixed at build time.
+
+    Parameters
+    ----------
+    contrasts : list of str
+        Contrasts to synthesise (the anchor first).
+    anchor : str
+        Contrast of the anatomical reference.
+    models : dict
+        ``{contrast: ModelChoice}`` from :func:`select_model`.
+    field_bins : dict
+        ``{contrast: field bin in T}``.
+    model_dir : str, optional
+        ``--model-dir``.
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
+    storage_dtype : str
+        Storage of reference-grid images (``uint16``/``int16`` scaled, or ``float32``).
+    omp_nthreads : int
+        Threads per node.
+    name : str
+        Workflow name.
+
+    Inputs
+    ------
+    anchor2ref, ref2anchor, anchor_mask
+        Reference transforms and the anchor's native brain mask.
+    <c>_preproc, <c>_mask
+        Per contrast ``c`` (lower case): native bias-corrected image and brain mask.
+    <c>2anchor, anchor2<c>
+        Rigid transforms, for contrasts other than the anchor.
+
+    Outputs
+    -------
+    ref_mask
+        Brain mask on the reference grid.
+    <c>_ref_preproc
+        Model input on the reference grid ([0, 1], 0 outside the mask).
+    <c>_ref_synth
+        Synthetic 7T image on the reference grid.
+    <c>_native_synth
+        Synthetic 7T image on the native grid of ``c``.
+    """
+    wf = pe.Workflow(name=name)
+    in_fields = ["anchor2ref", "ref2anchor", "anchor_mask"]
+    out_fields = ["ref_mask"]
+    for c in contrasts:
+        lc = c.lower()
+        in_fields += [f"{lc}_preproc", f"{lc}_mask"]
+        if c != anchor:
+            in_fields += [f"{lc}2anchor", f"anchor2{lc}"]
+        out_fields += [f"{lc}_ref_preproc", f"{lc}_ref_synth", f"{lc}_native_synth"]
+    inputnode = pe.Node(niu.IdentityInterface(fields=in_fields), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=out_fields), name="outputnode")
+
+    ref_mask = pe.Node(MaskToReference(), name="ref_mask", mem_gb=1.5)
+    wf.connect([
+        (inputnode, ref_mask, [("anchor_mask", "in_mask"), ("anchor2ref", "transforms")]),
+        (ref_mask, outputnode, [("out_mask", "ref_mask")]),
+    ])
+    for c in contrasts:
+        lc = c.lower()
+        choice = models[c]
+        prep = pe.Node(PrepareSynthesisInput(storage_dtype=storage_dtype), name=f"prep_{lc}",
+                       mem_gb=2.0)
+        synth = pe.Node(
+            Synthesize(contrast=c, field_bin=float(field_bins[c]), model_name=choice.name,
+                       model_sha256=choice.sha256, passthrough=choice.passthrough,
+                       device=device, storage_dtype=storage_dtype, omp_nthreads=omp_nthreads),
+            name=f"synthesize_{lc}", n_procs=omp_nthreads, mem_gb=3.0)
+        if model_dir:
+            synth.inputs.model_dir = str(model_dir)
+        native = pe.Node(ToNative(), name=f"to_native_{lc}", mem_gb=2.0)
+        wf.connect([
+            (inputnode, prep, [(f"{lc}_preproc", "in_file")]),
+            (ref_mask, prep, [("out_mask", "ref_mask")]),
+            (prep, synth, [("out_file", "in_file")]),
+            (ref_mask, synth, [("out_mask", "mask_file")]),
+            (synth, native, [("out_file", "in_file")]),
+            (inputnode, native, [(f"{lc}_preproc", "reference_file"), (f"{lc}_mask", "mask_file")]),
+            (prep, outputnode, [("out_file", f"{lc}_ref_preproc")]),
+            (synth, outputnode, [("out_file", f"{lc}_ref_synth")]),
+            (native, outputnode, [("out_file", f"{lc}_native_synth")]),
+        ])
+        if c == anchor:
+            wf.connect([
+                (inputnode, prep, [("anchor2ref", "transforms")]),
+                (inputnode, native, [("ref2anchor", "transforms")]),
+            ])
+        else:
+            fwd = pe.Node(niu.Merge(2), name=f"xfms_to_ref_{lc}", run_without_submitting=True)
+            inv = pe.Node(niu.Merge(2), name=f"xfms_to_native_{lc}", run_without_submitting=True)
+            wf.connect([
+                (inputnode, fwd, [("anchor2ref", "in1"), (f"{lc}2anchor", "in2")]),
+                (inputnode, inv, [(f"anchor2{lc}", "in1"), ("ref2anchor", "in2")]),
+                (fwd, prep, [("out", "transforms")]),
+                (inv, native, [("out", "transforms")]),
+            ])
+    return wf
