@@ -143,6 +143,15 @@ def flair_like(t1: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def t2_like(t1: np.ndarray) -> np.ndarray:
+    """A T2w-looking contrast (CSF bright, GM > WM) from the T1w phantom."""
+    out = np.zeros_like(t1)
+    brain = t1 > 0
+    v = t1[brain] / t1.max()
+    out[brain] = (1.15 - v) * 900
+    return out.astype(np.float32)
+
+
 def header_for(data: np.ndarray, affine: np.ndarray, dtype, *, qform=None, qcode=1,
                sform=None, scode=1, slope=1.0, inter=0.0) -> nib.Nifti1Header:
     hdr = nib.Nifti1Header()
@@ -266,6 +275,8 @@ def make_cases() -> dict[str, Case]:
     c.extra = {"T1w": clean_case(data, aff)}
     cases["anisotropic-FLAIR-1x1x5"] = c
 
+    cases["defects"] = defects_case(data, aff, cases["anisotropic-FLAIR-1x1x5"], rng)
+
     # bad files
     four = np.stack([data] * 3, axis=-1)
     cases["4D-image"] = Case(raw=four.astype(np.int16), hdr=header_for(four, aff, np.int16),
@@ -295,6 +306,67 @@ def make_cases() -> dict[str, Case]:
         c.bad = r"--field-strength"
         cases[name] = c
     return cases
+
+
+def defects_case(data, aff, aniso: Case, rng) -> Case:
+    """One participant carrying every good-but-defective header/numeric case at once.
+
+    App runs cost minutes on the 0.5 mm grid, so the App-level half of the header, numeric,
+    anisotropic and NaN rows runs once, on this participant (each defect is also checked alone,
+    on its own file, at the conform level):
+
+    * T1w: float32 stored with scl_slope 2 / scl_inter 10, negative values, 14 NaN/Inf voxels,
+      LPS voxel order, oblique affine, qform and sform disagreeing;
+    * T2w: int16, PIL voxel order, qform_code 0;
+    * FLAIR: uint8, 1 x 1 x 5 mm.
+    """
+    real = (data + rng.normal(0, 12, data.shape)).astype(np.float32)
+    brain = np.argwhere(data > 0)
+    picks = brain[rng.choice(len(brain), 14, replace=False)]
+    stored = (real - 10) / 2
+    for k, (i, j, kk) in enumerate(picks):
+        stored[i, j, kk] = np.nan if k < 8 else (np.inf if k < 12 else -np.inf)
+    truth = np.where(np.isfinite(stored), stored * 2 + 10, 0).astype(np.float32)
+    lps = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(("L", "P", "S")))
+    img = nib.Nifti1Image(stored, aff).as_reoriented(lps)
+    truth = np.asarray(nib.Nifti1Image(truth, aff).as_reoriented(lps).dataobj)
+    obl = _rot(0, -10) @ _rot(1, 6) @ img.affine
+    wrong_q = obl.copy()
+    wrong_q[:3, 3] += (-20.0, 15.0, 0.0)
+    t1 = Case(raw=np.asarray(img.dataobj), truth=truth, truth_affine=obl,
+              hdr=header_for(truth, obl, np.float32, qform=wrong_q, slope=2.0, inter=10.0),
+              warn="oblique|reoriented from LPS to RAS|qform and sform disagree|scl_slope=2|"
+                   r"\b14 NaN/Inf voxel|negative voxel")
+
+    pil = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(("P", "I", "L")))
+    t2 = nib.Nifti1Image(np.round(t2_like(data)), aff).as_reoriented(pil)
+    t2d = np.asarray(t2.dataobj)
+    t2c = Case(raw=t2d.astype(np.int16), truth=t2d, truth_affine=t2.affine, contrast="T2w",
+               hdr=header_for(t2d, t2.affine, np.int16, qcode=0, scode=2),
+               warn="reoriented from PIL to RAS|qform_code is 0")
+    fl = aniso.truth / aniso.truth.max() * 255
+    fl = np.round(fl)
+    flc = Case(raw=fl.astype(np.uint8), truth=fl, truth_affine=aniso.truth_affine,
+               hdr=header_for(fl, aniso.truth_affine, np.uint8), contrast="FLAIR")
+    t1.extra = {"T2w": t2c, "FLAIR": flc}
+    return t1
+
+
+#: Where each good-but-defective case sits in the "defects" participant, and the warning
+#: (regex) that must reach the log and the report for it.
+IN_DEFECTS = {
+    "oblique-affine": ("T1w", r"oblique"),
+    "LPS-axis-order": ("T1w", r"reoriented from LPS to RAS"),
+    "qform-sform-disagree": ("T1w", r"qform and sform disagree"),
+    "scl-slope-inter": ("T1w", r"scl_slope=2"),
+    "negative-values": ("T1w", None),
+    "nan-inf-voxels": ("T1w", r"\b14 NaN/Inf voxel"),
+    "PIL-axis-order": ("T2w", r"reoriented from PIL to RAS"),
+    "qform-code-0": ("T2w", r"qform_code is 0"),
+    "int16-data": ("T2w", None),
+    "uint8-data": ("FLAIR", None),
+    "anisotropic-FLAIR-1x1x5": ("FLAIR", None),
+}
 
 
 def label_of(case: str) -> str:
@@ -449,8 +521,18 @@ class Ctx:
 
     @cached_property
     def ds_mixed(self) -> Path:
-        """Every image case as its own participant, plus a clean one."""
-        return self.guard.register(write_dataset(self.root / "inputs" / "mixed", self.cases))
+        """sub-defects (every good-but-defective case at once) and one participant per bad file."""
+        names = ["defects"] + [n for n, c in self.cases.items() if c.bad and
+                               not n.startswith("field-")]
+        return self.guard.register(write_dataset(self.root / "inputs" / "mixed",
+                                                 {n: self.cases[n] for n in names}))
+
+    @cached_property
+    def ds_fields(self) -> Path:
+        """One participant per field-strength problem."""
+        return self.guard.register(write_dataset(
+            self.root / "inputs" / "fields",
+            {n: c for n, c in self.cases.items() if n.startswith("field-")}))
 
     # ---------------------------------------------------------------- runs
     def run(self, label: str, bids: Path, out: Path, args: list[str], *,
@@ -478,8 +560,31 @@ class Ctx:
 
     @cached_property
     def mixed_run(self) -> AppRun:
+        """Every participant of ds_mixed in one run: the bad ones refused, sub-defects done."""
         return self.run("mixed", self.ds_mixed, self.root / "out_mixed",
                         std_args(self.root / "work_mixed"))
+
+    @cached_property
+    def conc_runs(self) -> list[AppRun]:
+        """sub-01 and sub-02 of ds_ref as two simultaneous runs into one output folder."""
+        require_app()
+        out = self.root / "out_conc"
+        before = tree_digest(self.ds_ref)
+        procs, cmds, t0 = [], [], time.monotonic()
+        for label in ("01", "02"):
+            args = std_args(self.root / f"work_conc{label}", "--participant-label", label)
+            cmds.append(["synth7t", str(self.ds_ref), str(out), "participant"] + args)
+            procs.append(subprocess.Popen(
+                app_cmd() + cmds[-1][1:], env=app_env(), cwd=self.root, text=True,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        runs = []
+        for label, cmd, p in zip(("01", "02"), cmds, procs):
+            so, se = p.communicate(timeout=APP_TIMEOUT)
+            runs.append(AppRun(f"concurrent-{label}", cmd, p.returncode, so, se, out,
+                               self.root / f"work_conc{label}", time.monotonic() - t0))
+        self.guard.record("concurrent", self.ds_ref, before, tree_digest(self.ds_ref))
+        self.timings["concurrent"] = time.monotonic() - t0
+        return runs
 
     def copy_work(self, src: Path, name: str) -> Path:
         dst = self.root / name
@@ -592,19 +697,25 @@ def assert_outputs_equal(a: Path, b: Path, label: str) -> None:
 def _row_header(name: str):
     def check(ctx: Ctx) -> None:
         case = ctx.cases[name]
-        path = ctx.case_file(name)
-        check_conform(case, path)
+        check_conform(case, ctx.case_file(name))
+        # the App, on the participant that carries this defect among others
+        contrast, warn = IN_DEFECTS[name]
+        fname = f"sub-defects_{contrast}.nii.gz"
+        site = ctx.cases["defects"]
+        site = site if contrast == site.contrast else site.extra[contrast]
+        check_conform(site, ctx.ds_mixed / "sub-defects" / "anat" / fname)
         run = ctx.mixed_run
-        label = label_of(name)
-        contrast = case.contrast
-        out = synth_outputs(run.out_dir, label, contrast)
+        out = synth_outputs(run.out_dir, "defects", contrast)
         check_ref_result(out["ref"])
-        if case.warn:
-            assert re.search(case.warn, run.text), f"warning /{case.warn}/ not in the log\n" \
-                + run.describe()
-            report = run.out_dir / f"sub-{label}.html"
-            assert report.is_file(), f"no report {report.name}"
-            assert re.search(case.warn, report.read_text()), f"/{case.warn}/ not in {report.name}"
+        native = nib.load(out["native"])
+        assert np.isfinite(native.get_fdata()).all()
+        if warn:
+            lines = [ln for ln in run.text.splitlines() if re.search(warn, ln)]
+            assert any(fname in ln for ln in lines), \
+                f"no /{warn}/ warning naming {fname} in the log\n" + run.describe()
+            report = run.out_dir / "sub-defects.html"
+            assert report.is_file(), "no report sub-defects.html"
+            assert re.search(warn, report.read_text()), f"/{warn}/ not in {report.name}"
     return check
 
 
@@ -629,7 +740,8 @@ def _row_bad_file(name: str):
         mixed = ctx.mixed_run
         assert mixed.returncode == EX_DATAERR, mixed.describe()
         assert f"sub-{label}_{case.contrast}.nii.gz" in mixed.text, mixed.describe()
-        synth_outputs(mixed.out_dir, label_of("clean"))
+        for contrast in ("T1w", "T2w", "FLAIR"):
+            synth_outputs(mixed.out_dir, "defects", contrast)
         assert not (mixed.out_dir / f"sub-{label}" / "anat").is_dir() or not list(
             (mixed.out_dir / f"sub-{label}" / "anat").glob("*synth7T*")), "bad input produced output"
         check_no_partial_outputs(mixed.out_dir)
@@ -646,7 +758,7 @@ def _row_field(name: str):
             route_field(value, where="sub-x_T1w.nii.gz")
         assert "--field-strength" in str(err.value), str(err.value)
         label = label_of(name)
-        run = ctx.run(f"{name}-alone", ctx.ds_mixed, ctx.root / f"out_{label}",
+        run = ctx.run(f"{name}-alone", ctx.ds_fields, ctx.root / f"out_{label}",
                       std_args(ctx.root / f"work_{label}", "--participant-label", label))
         assert run.returncode == EX_DATAERR, run.describe()
         assert "--field-strength" in run.stderr + run.stdout, run.describe()
@@ -795,20 +907,11 @@ def row_sigkill(ctx: Ctx) -> None:
 
 
 def row_concurrent(ctx: Ctx) -> None:
-    require_app()
     ref = ctx.ref_run
-    out = ctx.root / "out_conc"
-    procs = []
-    before = tree_digest(ctx.ds_ref)
-    for label in ("01", "02"):
-        args = std_args(ctx.root / f"work_conc{label}", "--participant-label", label)
-        procs.append(subprocess.Popen(app_cmd() + [str(ctx.ds_ref), str(out), "participant"]
-                                      + args, env=app_env(), cwd=ctx.root, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    results = [p.communicate(timeout=APP_TIMEOUT) for p in procs]
-    ctx.guard.record("concurrent", ctx.ds_ref, before, tree_digest(ctx.ds_ref))
-    for p, (so, se) in zip(procs, results):
-        assert p.returncode == 0, f"rc {p.returncode}\n{se[-3000:]}"
+    runs = ctx.conc_runs
+    out = runs[0].out_dir
+    for r in runs:
+        assert r.returncode == 0, r.describe()
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc.get("DatasetType") == "derivative" and desc.get("GeneratedBy"), desc
     assert desc.get("BIDSVersion") and desc.get("Name"), desc
@@ -820,9 +923,10 @@ def row_concurrent(ctx: Ctx) -> None:
 
 
 def row_same_seed(ctx: Ctx) -> None:
+    """Run sub-01 twice with the same inputs, options and seed (the reference run and, in
+    another work dir, the concurrent run): the synthetic images are byte-identical."""
     ref = ctx.ref_run
-    again = ctx.run("same-seed", ctx.ds_ref, ctx.root / "out_seed",
-                    std_args(ctx.root / "work_seed", "--participant-label", "01"))
+    again = ctx.conc_runs[0]
     assert again.returncode == 0, again.describe()
     a = sorted((ref.out_dir / "sub-01").rglob("*synth7T*.nii.gz"))
     b = sorted((again.out_dir / "sub-01").rglob("*synth7T*.nii.gz"))
@@ -884,7 +988,7 @@ def _row_model(kind: str):
 
 
 def row_inputs_unmodified(ctx: Ctx) -> None:
-    ctx.files, ctx.ds_ref, ctx.ds_mixed  # noqa: B018 - make sure every tree is registered
+    ctx.files, ctx.ds_ref, ctx.ds_mixed, ctx.ds_fields  # noqa: B018 - register every tree
     assert ctx.guard.runs or True
     problems = ctx.guard.problems()
     assert not problems, "\n".join(problems)
