@@ -43,7 +43,7 @@ from scipy import ndimage as ndi
 
 from synth7t import anatomy as _anat
 from synth7t.anatomy import Anatomy, Roi, roi_bounds
-from synth7t.fields import CONTRASTS, SUPPORTED_BINS
+from synth7t.fields import CONTRASTS
 from synth7t.intensity import UPPER_PERCENTILE, normalise
 from synth7t.physics import TARGET_FIELD, Physics, field_key
 from synth7t.reference import REF_AFFINE, REF_SHAPE, REF_ZOOMS
