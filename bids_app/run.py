@@ -61,6 +61,7 @@ def _setup_logging(verbose: int) -> None:
         LOGGER.addHandler(handler)
     for h in LOGGER.handlers:
         if getattr(h, "_synth7t_console", False):
+            h.stream = sys.stderr  # the current stderr (tests replace it)
             h.setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
     wf_level = "DEBUG" if verbose >= 3 else "INFO" if verbose >= 1 else "WARNING"
     other = "DEBUG" if verbose >= 3 else "INFO" if verbose >= 2 else "WARNING"
@@ -72,6 +73,7 @@ def _setup_logging(verbose: int) -> None:
 def _add_file_log(log_dir: Path, run_uuid: str) -> Path:
     path = log_dir / f"synth7t-{run_uuid}.log"
     handler = logging.FileHandler(path, delay=True)
+    handler._synth7t_file = True
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     LOGGER.addHandler(handler)
@@ -81,6 +83,10 @@ def _add_file_log(log_dir: Path, run_uuid: str) -> Path:
 def _error(message: str) -> None:
     prefix = "" if message.startswith(("synth7t: error:", "usage:")) else "synth7t: error: "
     print(prefix + message, file=sys.stderr, flush=True)
+    record = LOGGER.makeRecord(LOGGER.name, logging.ERROR, __file__, 0, message, None, None)
+    for h in LOGGER.handlers:
+        if getattr(h, "_synth7t_file", False):
+            h.handle(record)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -227,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    finally:
+        for h in [h for h in LOGGER.handlers if getattr(h, "_synth7t_file", False)]:
+            LOGGER.removeHandler(h)
+            h.close()
 
 
 def _main(argv: list[str]) -> int:

@@ -28,6 +28,7 @@ class ModelChoice:
     provenance: dict = field(default_factory=dict)
     passthrough: bool = False
     fallback: bool = False  # True when the baseline replaced a missing default model
+    others: tuple[str, ...] = ()  # other contrasts a multi-contrast model takes as input
 
 
 PASSTHROUGH_PROVENANCE = {
@@ -40,6 +41,20 @@ PASSTHROUGH_PROVENANCE = {
 
 def _json_safe(obj) -> dict:
     return json.loads(json.dumps(obj, default=str))
+
+
+def _model_others(entry) -> tuple[str, ...]:
+    """Contrasts a multi-contrast U-Net takes besides its own (from its safetensors metadata)."""
+    if getattr(entry, "kind", None) != "unet":
+        return ()
+    try:
+        from synth7t.networks import UNetConfig
+        from synth7t.registry import canonical_contrast, read_verified, safetensors_metadata
+
+        meta = safetensors_metadata(read_verified(entry))
+        return tuple(canonical_contrast(c) for c in UNetConfig.from_json(meta["config"]).others)
+    except Exception:  # noqa: BLE001 - integrity problems are reported by the caller
+        return ()
 
 
 def select_model(registry, contrast: str, routing, *, model_name: str = "default") -> ModelChoice:
@@ -70,7 +85,8 @@ def select_model(registry, contrast: str, routing, *, model_name: str = "default
         prov = entry.provenance() if hasattr(entry, "provenance") else {"Name": name}
         return ModelChoice(name=getattr(entry, "name", name) or name,
                            sha256=str(getattr(entry, "sha256", "") or ""),
-                           provenance=_json_safe(prov), fallback=bool(i))
+                           provenance=_json_safe(prov), fallback=bool(i),
+                           others=_model_others(entry))
     raise ModelNotFoundError(
         f"no synthesis model for {contrast} at {bin_label(routing.bin)} "
         f"({'; '.join(errors)}); add one with --model-dir"
@@ -141,11 +157,12 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
         (inputnode, ref_mask, [("anchor_mask", "in_mask"), ("anchor2ref", "transforms")]),
         (ref_mask, outputnode, [("out_mask", "ref_mask")]),
     ])
+    preps = {c: pe.Node(PrepareSynthesisInput(storage_dtype=storage_dtype),
+                        name=f"prep_{c.lower()}", mem_gb=2.0) for c in contrasts}
     for c in contrasts:
         lc = c.lower()
         choice = models[c]
-        prep = pe.Node(PrepareSynthesisInput(storage_dtype=storage_dtype), name=f"prep_{lc}",
-                       mem_gb=2.0)
+        prep = preps[c]
         synth = pe.Node(
             Synthesize(contrast=c, field_bin=float(field_bins[c]), model_name=choice.name,
                        model_sha256=choice.sha256, passthrough=choice.passthrough,
@@ -153,6 +170,14 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
             name=f"synthesize_{lc}", n_procs=omp_nthreads, mem_gb=3.0)
         if model_dir:
             synth.inputs.model_dir = str(model_dir)
+        others = [o for o in choice.others if o in contrasts and o != c]
+        if others:
+            synth.inputs.other_contrasts = others
+            merge = pe.Node(niu.Merge(len(others)), name=f"others_{lc}",
+                            run_without_submitting=True)
+            for i, o in enumerate(others, start=1):
+                wf.connect(preps[o], "out_file", merge, f"in{i}")
+            wf.connect(merge, "out", synth, "other_files")
         native = pe.Node(ToNative(), name=f"to_native_{lc}", mem_gb=2.0)
         wf.connect([
             (inputnode, prep, [(f"{lc}_preproc", "in_file")]),

@@ -1,0 +1,131 @@
+"""Shared pytest fixtures: paths to the shared data and tiny synthetic BIDS datasets.
+
+Everything here is cheap (tiny images made with numpy); fixtures for heavy data live next to the
+tests that need them. Others may append fixtures at the end of this file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+os.environ.setdefault("TEMPLATEFLOW_AUTOUPDATE", "0")
+
+from synth7t.reference import setup_templateflow  # noqa: E402
+
+setup_templateflow()
+
+#: ``/work/shared/data`` as seen from this repository (tests/ -> repo -> /work).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BIDS_3T = SHARED_DATA / "bids_3t"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared test data folder (skips when it is not mounted)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def bids_3t(shared_data) -> Path:
+    """The small real 3T BIDS dataset (sub-01 whole-head T1w; sub-02 T1w/T2w/FLAIR brains)."""
+    return shared_data / "bids_3t"
+
+
+# --------------------------------------------------------------------------- tiny datasets
+def tiny_image(shape=(20, 24, 20), *, seed: int = 0, zooms=(2.0, 2.0, 2.0),
+               stripped: bool = False) -> nib.Nifti1Image:
+    """A small head-like float32 volume: a bright ellipsoid in a noisy background."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape).astype(np.float32)
+    centre = (np.array(shape, dtype=np.float32) - 1) / 2
+    r = np.sqrt(sum(((g - c) / (0.4 * s)) ** 2 for g, c, s in zip(grid, centre, shape)))
+    data = np.where(r < 1, 100 + 20 * rng.standard_normal(shape), 5 * rng.random(shape))
+    data = np.clip(data, 0, None).astype(np.float32)
+    if stripped:
+        data[r >= 0.8] = 0
+    affine = np.diag([*zooms, 1.0])
+    affine[:3, 3] = -np.array(zooms) * centre
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, 1)
+    img.set_sform(affine, 1)
+    return img
+
+
+def write_json(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+    return path
+
+
+def make_bids(root: Path, spec: dict, *, top_sidecars: dict | None = None,
+              name: str = "tiny") -> Path:
+    """Write a tiny BIDS dataset.
+
+    Parameters
+    ----------
+    root
+        Dataset folder (created).
+    spec
+        ``{"01": {"T1w": 3, "T2w": None}, "02": {"ses-a": {"T1w": 1.5}}}``: per participant
+        (optionally per session) the contrasts to write and their ``MagneticFieldStrength``
+        (``None``: no key in the sidecar; ``"inherit"``: no sidecar at all). A contrast may also
+        map to a dict of sidecar keys, or a list of such values for several runs.
+    top_sidecars
+        Top-level sidecars, e.g. ``{"T1w": {"MagneticFieldStrength": 3}}`` (inheritance).
+    """
+    root = Path(root)
+    write_json(root / "dataset_description.json",
+               {"Name": name, "BIDSVersion": "1.9.0", "DatasetType": "raw",
+                "Authors": ["synth7t tests", "second author"]})
+    (root / "README").write_text("Tiny synthetic dataset for synth7t tests.\n")
+    for suffix, meta in (top_sidecars or {}).items():
+        write_json(root / f"{suffix}.json", meta)
+    seed = 0
+    for label, content in spec.items():
+        sessions = {k: v for k, v in content.items() if k.startswith("ses-")}
+        if not sessions:
+            sessions = {None: content}
+        for ses, contrasts in sessions.items():
+            folder = root / f"sub-{label}" / (ses or "") / "anat"
+            folder.mkdir(parents=True, exist_ok=True)
+            prefix = f"sub-{label}" + (f"_{ses}" if ses else "")
+            for contrast, value in contrasts.items():
+                runs = value if isinstance(value, list) else [value]
+                for i, v in enumerate(runs, start=1):
+                    run = f"_run-{i}" if len(runs) > 1 else ""
+                    seed += 1
+                    stem = folder / f"{prefix}{run}_{contrast}"
+                    tiny_image(seed=seed).to_filename(f"{stem}.nii.gz")
+                    if v == "inherit":
+                        continue
+                    meta = dict(v) if isinstance(v, dict) else (
+                        {} if v is None else {"MagneticFieldStrength": v})
+                    write_json(Path(f"{stem}.json"), meta)
+    return root
+
+
+@pytest.fixture
+def tiny_bids(tmp_path):
+    """Factory: ``tiny_bids(spec, **kw)`` -> path of a fresh tiny BIDS dataset."""
+    counter = {"n": 0}
+
+    def _make(spec: dict, **kwargs) -> Path:
+        counter["n"] += 1
+        return make_bids(tmp_path / f"bids{counter['n']}", spec, **kwargs)
+
+    return _make
+
+
+@pytest.fixture
+def bids_two_subjects(tiny_bids) -> Path:
+    """sub-01: T1w+T2w at 3 T; sub-02: T1w+FLAIR at 1.5 T."""
+    return tiny_bids({"01": {"T1w": 3, "T2w": 3}, "02": {"T1w": 1.5, "FLAIR": 1.5}})
