@@ -228,24 +228,35 @@ class RegisterToReference(SimpleInterface):
         return runtime
 
 
+def _write_itk_affine(ras: "np.ndarray", out_file: str) -> str:
+    """Write a RAS->RAS 4x4 affine as an ITK (LPS) text transform at full precision."""
+    import numpy as np
+
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps = flip @ ras @ flip
+    params = [*lps[:3, :3].ravel(), *lps[:3, 3]]
+    Path(out_file).write_text(
+        "#Insight Transform File V1.0\n#Transform 0\n"
+        "Transform: AffineTransform_double_3_3\n"
+        f"Parameters: {' '.join(repr(float(v)) for v in params)}\n"
+        "FixedParameters: 0 0 0\n")
+    return out_file
+
+
 def invert_linear_itk(in_file: str, out_file: str) -> str:
-    """Write the inverse of an ITK linear transform (.mat/.txt) as ITK text (nitransforms)."""
+    """Write the exact inverse of an ITK linear transform (.mat/.txt) as ITK text."""
     import numpy as np
     from nitransforms.io.itk import ITKLinearTransform
 
-    xfm = ITKLinearTransform.from_filename(in_file)
-    inv = ITKLinearTransform.from_ras(np.linalg.inv(xfm.to_ras()))
-    inv.to_filename(out_file)
-    return out_file
+    ras = ITKLinearTransform.from_filename(in_file).to_ras()
+    return _write_itk_affine(np.linalg.inv(ras), out_file)
 
 
 def linear_itk_to_txt(in_file: str, out_file: str) -> str:
     """Copy an ITK linear transform to the ITK text format (``*_xfm.txt`` derivatives)."""
     from nitransforms.io.itk import ITKLinearTransform
 
-    ITKLinearTransform.from_ras(ITKLinearTransform.from_filename(in_file).to_ras()) \
-        .to_filename(out_file)
-    return out_file
+    return _write_itk_affine(ITKLinearTransform.from_filename(in_file).to_ras(), out_file)
 
 
 class _RegisterRigidInputSpec(_ThreadsInputSpec):
