@@ -99,6 +99,12 @@ def route_field(sidecar_value: object, *, override: float | None = None, where: 
         fbin, passthrough = nearest_bin(field, where=f"{where} (--field-strength)")
         return FieldRouting(raw=field if raw is None else raw, bin=fbin,
                             source="--field-strength", passthrough=passthrough)
-    field = parse_field(sidecar_value, where=where)
+    try:
+        field = parse_field(sidecar_value, where=where)
+    except FieldStrengthError as exc:
+        if "--field-strength" in str(exc):
+            raise
+        # an implausible sidecar value (e.g. 11.7) is most likely a wrong sidecar
+        raise FieldStrengthError(f"{exc}; fix the sidecar or pass --field-strength") from None
     fbin, passthrough = nearest_bin(field, where=where)
     return FieldRouting(raw=field, bin=fbin, source="sidecar", passthrough=passthrough)
