@@ -975,8 +975,7 @@ def _row_model(kind: str):
             load_synthesizer(entry)
         assert "m.safetensors" in str(err.value) and "\n" not in str(err.value)
         assert not marker.exists(), "the pickle was executed"
-        ref = ctx.ref_run
-        work = ctx.copy_work(ref.work_dir, f"work_model_{kind}")
+        work = ctx.root / f"work_model_{kind}"
         run = ctx.run(f"model-{kind}", ctx.ds_ref, ctx.root / f"out_model_{kind}",
                       std_args(work, "--participant-label", "01", "--model-dir", str(mdir)))
         assert run.returncode != 0, run.describe()
