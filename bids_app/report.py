@@ -29,6 +29,10 @@ paths relative to ``out_dir``, ``source`` relative to ``bids_dir``). Times are I
         "options": {"random_seed": 0, "nprocs": 2, ...},  # anything worth showing (flat dict)
         "start_time": "2026-11-25T17:00:00+00:00",
         "end_time": "2026-11-25T17:04:10+00:00",
+        "elapsed_seconds": 250.0,            # used when the times are missing
+        "status": "ok",                      # ok | partial | crashed | refused
+        "executed_nodes": ["anat_preproc_t1w_wf/n4", ...],  # nodes not reused from the cache
+        "log_file": "/data/derivatives/synth7t/logs/synth7t-<run>.log", "run_uuid": "...",
         "versions": {"synth7t": "0.1.0", "nipype": "1.11.0", ...},  # missing ones filled in
         "reference": {"space": "MRIxFields",
                       "template": "/path/tpl_T1w.nii.gz",       # optional
@@ -379,9 +383,19 @@ def _summary(run_info: dict, participant: str, versions: dict, warnings: list[st
         rows.append(("Command", " ".join(map(str, cmd)) if isinstance(cmd, (list, tuple)) else cmd))
     for key, val in (run_info.get("options") or {}).items():
         rows.append((f"Option {key}", val))
+    if runtime == "unknown" and isinstance(run_info.get("elapsed_seconds"), (int, float)):
+        runtime = _fmt_duration(run_info["elapsed_seconds"])
     rows += [("Started", start.isoformat(timespec="seconds") if start else "unknown"),
              ("Finished", end.isoformat(timespec="seconds") if end else "unknown"),
              ("Run time", runtime)]
+    if run_info.get("status"):
+        rows.insert(1, ("Status", run_info["status"]))
+    if isinstance(run_info.get("executed_nodes"), list):
+        rows.append(("Nodes run by this run", f"{len(run_info['executed_nodes'])} (the others "
+                     "were reused from the work directory, if any)"))
+    for key, label in (("log_file", "Log"), ("run_uuid", "Run id")):
+        if run_info.get(key):
+            rows.append((label, run_info[key]))
     out = ['<h2 id="summary">Summary</h2>', _table(rows)]
 
     model_rows = []
