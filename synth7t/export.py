@@ -167,14 +167,83 @@ def simulator_params(sim=None, *, slabs: int = 4, depth: int = 8, seed: int = 0)
     return params
 
 
+#: Limits every card of a model trained on the simulator must state (FIELD_PHYSICS.md).
+SIMULATION_LIMITS = [
+    "Trained only on simulated pairs (first-order signal model, ICBM152 anatomy); fine-tune on "
+    "real pairs (synth7t-train --init-from default --mrixfields/--bids) where they exist.",
+    "FLAIR: with the FIELD_PHYSICS.md T2 values the inversion-recovery model makes WM about as "
+    "bright as GM at 3 T and brighter than GM at 7 T, whereas clinical FLAIR shows GM slightly "
+    "brighter than WM (magnetisation transfer and multi-compartment WM T2 are not modelled); the "
+    "synthetic 7T FLAIR inherits this.",
+    "0.1 T inputs carry little fine detail; the model is trained to be faithful (L1 + SSIM to the "
+    "simulated target), not to invent detail.",
+]
+
+
+def export_from_run(run_dir: str | Path, folder: Path = MODELS_DIR, *, version: str = "1.0.0",
+                    weights: str = "best", quality_json: str | Path | None = None,
+                    name: str = "default") -> dict:
+    """Export a (possibly still running) ``synth7t-train`` run into ``folder``.
+
+    Reads ``run_dir/checkpoints/{weights}.safetensors`` and ``state.json``; the card records
+    the recipe, data, loss curve, held-out metrics, wall time, the source commit (from
+    ``run_dir/SOURCE_COMMIT`` when present) and, with ``quality_json``, the Colin27 table of
+    ``benchmarks/bench_quality.py --json``. Keeps every other registry entry (the baselines).
+    """
+    from .train import _curve_steps, export_model
+
+    run_dir = Path(run_dir)
+    state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
+    best = state.get("best") or {}
+    hist = state.get("history", [])
+    commit = run_dir / "SOURCE_COMMIT"
+    metrics = {"held_out_simulated_icbm152": best.get("metrics", {})}
+    if quality_json:
+        q = json.loads(Path(quality_json).read_text())
+        metrics["colin27_simulated"] = {"where": q.get("where"), "seed": q.get("seed"),
+                                        "mean": q.get("mean"), "per_pair": q.get("results")}
+    card = {
+        "Description": "conditioned 2.5D U-Net (one network for all 12 (contrast, field) pairs; "
+                       "FiLM conditioning on source field bin and contrast; 5 neighbouring axial "
+                       "slices in; residual on the centre slice, clamped to [0, 1])",
+        "TrainingData": "; ".join(state["config"].get("data", [])),
+        "Recipe": state["config"],
+        "Loss": "L1 + (1 - SSIM), 7x7 uniform window",
+        "Steps": state["step"],
+        "ExportedCheckpoint": weights,
+        "BestStep": best.get("step"),
+        "WallTimeSeconds": round(float(state.get("wall_seconds", 0.0)), 1),
+        "SimulatorSeconds": round(float(state.get("data_seconds", 0.0)), 1),
+        "SourceCommit": commit.read_text().strip() if commit.is_file() else None,
+        "LossCurve": [h for h in hist if h["step"] in _curve_steps(hist, 25)],
+        "ValidationHistory": state.get("val_history", []),
+        "Metrics": metrics,
+        "Limitations": SIMULATION_LIMITS,
+        "Command": "see synth7t/models/TRAINING.md",
+    }
+    return export_model(run_dir / "checkpoints" / f"{weights}.safetensors", folder, name=name,
+                        version=version, card=card, merge=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m synth7t.export")
-    parser.add_argument("what", choices=["baseline"])
+    parser.add_argument("what", choices=["baseline", "default"])
     parser.add_argument("--folder", type=Path, default=MODELS_DIR)
+    parser.add_argument("--run", type=Path, help="synth7t-train --out folder (for 'default')")
+    parser.add_argument("--weights", default="best", choices=["best", "last"])
+    parser.add_argument("--version", default="1.0.0")
+    parser.add_argument("--quality-json", type=Path, help="bench_quality.py --json output")
     parser.add_argument("--default-to-baseline", action="store_true")
     parser.add_argument("--from-simulator", action="store_true",
                         help="derive the 7T targets from the simulator (else the design tables)")
     args = parser.parse_args(argv)
+    if args.what == "default":
+        if not args.run:
+            parser.error("default needs --run")
+        card = export_from_run(args.run, args.folder, version=args.version, weights=args.weights,
+                               quality_json=args.quality_json)
+        print(json.dumps({k: card[k] for k in ("SHA256", "Steps", "BestStep", "WallTimeSeconds")}))
+        return 0
     params = simulator_params() if args.from_simulator else table_params()
     write_baseline(args.folder, params, default_to_baseline=args.default_to_baseline)
     return 0

@@ -146,7 +146,9 @@ class ModelEntry:
             "SourceFieldBin": self.field_bin,
             "Description": description,
             "TrainingData": card.get("TrainingData", "unknown"),
-            "Metrics": card.get("Metrics", {}),
+            # Cards hold per-pair tables; a sidecar needs only this entry's pair.
+            "Metrics": _select_pair(card.get("Metrics", {}),
+                                    f"{self.contrast}@{self.field_bin:g}T"),
             # No machine paths in sidecars for shipped models; a user model dir is worth naming.
             "Registry": ("shipped" if self.origin.parent == MODELS_DIR.resolve()
                          else str(self.origin.parent)),
@@ -154,6 +156,19 @@ class ModelEntry:
         if self.extra.get("note"):
             prov["Note"] = self.extra["note"]
         return prov
+
+
+def _select_pair(obj: object, key: str) -> object:
+    """Reduce nested metric tables keyed by ``"T1w@3T"``-style pairs to the entry ``key``."""
+    if not isinstance(obj, dict):
+        return obj
+    if key in obj:
+        return obj[key]
+    out = {k: _select_pair(v, key) for k, v in obj.items()}
+    pair_keys = [k for k in obj if "@" in str(k)]
+    for k in pair_keys:  # other pairs' entries are dropped
+        out.pop(k, None)
+    return out
 
 
 def _parse_registry(path: Path) -> list[ModelEntry]:
