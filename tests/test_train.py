@@ -123,6 +123,15 @@ def test_train_export_load_and_finetune_on_mrixfields(tmp_path, mrix_tree):
                        "--checkpoint-every", "4", "--name", "mine", "--resume", *TINY]) == 0
     assert json.loads((first / "model_card.json").read_text())["Steps"] == 8
 
+    # a run exports like the shipped default does (card from the run's state, pair metrics)
+    from synth7t.export import export_from_run
+
+    ship = tmp_path / "ship"
+    card = export_from_run(first, ship, version="t")
+    assert card["Steps"] == 8 and card["SHA256"] == sha256_file(ship / "model.safetensors")
+    prov = Registry.load(ship).get("T1w", 1.5).provenance()
+    assert prov["Kind"] == "unet" and "nrmse" in prov["Metrics"]["held_out_simulated_icbm152"]
+
     # fine-tune from the registry model through --model-dir
     ft = tmp_path / "ft"
     assert train_main(["--mrixfields", str(mrix_tree), "--out", str(ft), "--steps", "4",
