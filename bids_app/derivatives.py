@@ -15,7 +15,7 @@ from .exitcodes import EX_CANTCREAT, Synth7tExit
 PIPELINE_NAME = "synth7t"
 CODE_URL = "https://github.com/synth7t/synth7t"
 BIDS_VERSION = "1.9.0"
-BIDSIGNORE = ["logs/", "sub-*.html", "figures/", ".synth7t-staging/"]
+BIDSIGNORE = ["logs/", "sub-*.html", "figures", "*_xfm.*", ".synth7t-staging/"]
 #: Distributions whose versions are recorded in every sidecar and in the run config.
 TRACKED = ("synth7t", "nipype", "niworkflows", "pybids", "nibabel", "numpy", "antspyx", "torch",
            "templateflow", "bids-validator-deno")
@@ -48,7 +48,11 @@ def atomic_write_json(obj, path: Path) -> None:
 
 
 def software_versions() -> dict[str, str]:
-    """Versions of the packages that shape the outputs (``SoftwareVersions`` in sidecars)."""
+    """Versions of the packages that shape the outputs.
+
+    Sidecars carry them as ``ProcessingSoftwareVersions`` (BIDS reserves ``SoftwareVersions``
+    for the scanner software, a string).
+    """
     out = {"python": sys.version.split()[0]}
     for dist in TRACKED:
         try:

@@ -317,7 +317,7 @@ def _main(argv: list[str]) -> int:
                           f"{exc.strerror or exc}") from None
 
     provenance = {
-        "SoftwareVersions": software_versions(),
+        "ProcessingSoftwareVersions": software_versions(),
         "CommandLine": normalised_command(argv, opts),
         "RandomSeed": opts.random_seed,
     }
@@ -329,7 +329,7 @@ def _main(argv: list[str]) -> int:
                     "contrasts": " ".join(opts.contrasts), "device": opts.device,
                     "output_dtype": opts.output_dtype,
                     "field_strength": opts.field_strength, "plugin": plugin["plugin"]},
-        "versions": provenance["SoftwareVersions"],
+        "versions": provenance["ProcessingSoftwareVersions"],
         "reference": {"space": "MRIxFields"},
         "config_file": str(config_file), "log_file": str(log_file), "run_uuid": run_uuid,
         "start_time": start_iso,

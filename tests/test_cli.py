@@ -162,7 +162,7 @@ def test_valid_dataset_runs(capsys, bids_two_subjects, tmp_path, graph_stub):
     assert set(models[("01", None)]) == {"T1w", "T2w"}
     assert models[("02", None)]["FLAIR"].provenance["SourceFieldBin"] == 1.5
     prov = call["provenance"]
-    assert prov["RandomSeed"] == 5 and prov["SoftwareVersions"]["synth7t"]
+    assert prov["RandomSeed"] == 5 and prov["ProcessingSoftwareVersions"]["synth7t"]
     assert prov["CommandLine"].startswith("synth7t <bids_dir> <output_dir> participant")
     assert "<work_dir>" in prov["CommandLine"] and str(tmp_path) not in prov["CommandLine"]
 
