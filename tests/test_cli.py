@@ -291,3 +291,27 @@ def test_console_script_exit_code(bids_two_subjects, tmp_path):
                           timeout=120)
     assert proc.returncode == EX_NO_MATCH and "sub-07" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_node_crash_writes_text_crash_files(capsys, bids_two_subjects, tmp_path, monkeypatch):
+    """A crashing node: exit 1, a text crash file per participant under logs/sub-<label>/."""
+    from workflows import interfaces
+
+    def boom(self, runtime):
+        raise RuntimeError("synthetic failure for the test")
+
+    monkeypatch.setattr(interfaces.Conform, "_run_interface", boom)
+    monkeypatch.setattr(app, "_report", lambda *a, **k: None)
+    plugin = tmp_path / "linear.yml"
+    plugin.write_text("plugin: Linear\n")  # in-process, so the patch applies
+    out = tmp_path / "out"
+    code, text = _run(capsys, bids_two_subjects, out, "participant", "-w", tmp_path / "w",
+                      "--use-plugin", plugin, "--skip-bids-validation")
+    assert code == 1, text
+    for label in ("01", "02"):
+        crashes = list((out / "logs" / f"sub-{label}").glob("crash-*.txt"))
+        assert crashes, f"no crash file for sub-{label}"
+        assert "synthetic failure for the test" in crashes[0].read_text()
+        assert f"sub-{label}" in text
+    assert "RuntimeError: synthetic failure for the test" in text
+    assert not list(out.rglob("*synth7T*"))
