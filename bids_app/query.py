@@ -183,14 +183,20 @@ def collect_inputs(
         else:
             subj_sessions = available or [None]
         matched_session = True
+        empty: list[str] = []
         for session in subj_sessions:
             item = SessionInputs(subject=subject, session=session)
             failed = False
             for contrast in contrasts:
                 query = dict(DEFAULT_QUERIES[contrast])
-                query.update(_convert_filters(bids_filters.get(contrast.lower(), {})))
+                user = bids_filters.get(contrast.lower(), {})
+                query.update(_convert_filters(user))
                 query["subject"] = subject
                 if session is not None:
+                    wanted = user.get("session")
+                    if wanted is not None and session not in (
+                            wanted if isinstance(wanted, list) else [wanted]):
+                        continue  # the filter file selects other sessions for this contrast
                     query["session"] = session
                 try:
                     files = sorted(layout.get(return_type="file", **query))
@@ -228,10 +234,14 @@ def collect_inputs(
             if item.images:
                 out.append(item)
             else:
-                errors.setdefault(subject, []).append((
-                    EX_NO_MATCH if bids_filters else EX_NOINPUT,
-                    f"{item.name}: no {'/'.join(contrasts)} image"
-                    + (" matches the BIDS filters" if bids_filters else "")))
+                empty.append(item.name)
+        if empty and not any(it.subject == subject for it in out) and subject not in errors:
+            errors.setdefault(subject, []).append((
+                EX_NO_MATCH if bids_filters else EX_NOINPUT,
+                f"{', '.join(empty)}: no {'/'.join(contrasts)} image"
+                + (" matches the BIDS filters" if bids_filters else "")))
+        elif empty:
+            LOGGER.info("no %s image in %s", "/".join(contrasts), ", ".join(empty))
     if sessions and not matched_session:
         raise Synth7tExit(
             EX_NO_MATCH,

@@ -172,3 +172,10 @@ def test_validator_reports_errors(tiny_bids):
         err.value.message
     # errors in another participant's folder do not block the selected one
     validate_dataset(root, ["01"])
+
+
+def test_session_in_filter_file(tiny_bids):
+    root = tiny_bids({"01": {"ses-a": {"T1w": 3}, "ses-b": {"T1w": 3, "T2w": 3}}})
+    items, errors = _collect(root, bids_filters={"t1w": {"session": "b"}})
+    assert [(i.name, i.contrasts) for i in items] == [("sub-01_ses-b", ["T1w", "T2w"])]
+    assert not errors  # ses-a has nothing left, but the participant has a session to run
