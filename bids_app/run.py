@@ -482,17 +482,24 @@ def _run_graph(items, models, opts, plugin, provenance, log_dir: Path, t_start: 
         if "did not execute cleanly" not in str(exc):
             run_error = f"the workflow stopped: {type(exc).__name__}: {exc}"
         LOGGER.debug("wf.run raised %r", exc)
-    if plugin["plugin"].startswith("SLURM") and plugin["plugin"] in _GRAPH_PLUGINS:
+    crashed: dict[str, list[str]] = {}
+    if plugin["plugin"] == "SLURMGraph":
+        # SLURMGraph only submits: wait for the jobs, then collect crash files and jobs that
+        # SLURM itself ended (out of memory/time leave no crash file).
         try:
-            from .slurm import wait_for_slurm_jobs
+            from .slurm import collect_crashes, wait_for_slurm_jobs
 
             wait_for_slurm_jobs(opts.work_dir)
+            for line in collect_crashes(opts.work_dir, crashdump_dir=log_dir):
+                m = re.search(r"sub_([A-Za-z0-9]+)(?:_ses_[A-Za-z0-9]+)?_wf", line)
+                subjects = [m[1]] if m else sorted({it.subject for it in items})
+                for subject in subjects:
+                    crashed.setdefault(subject, []).append(line)
         except Exception as exc:  # noqa: BLE001
-            run_error = f"cannot follow the SLURM jobs: {exc}"
+            run_error = f"cannot follow the SLURM jobs: {type(exc).__name__}: {exc}"
 
     # crash files written during this run, per participant
-    crashed: dict[str, list[str]] = {}
-    for it in items:
+    for it in items if plugin["plugin"] != "SLURMGraph" else []:
         folder = log_dir / f"sub-{it.subject}"
         for f in sorted(folder.glob("crash-*.txt")) if folder.is_dir() else []:
             if f.stat().st_mtime >= t_start - 1:
