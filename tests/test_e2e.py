@@ -171,7 +171,7 @@ def test_sidecars(e2e, label):
         assert meta["Sources"] and all(_resolve(s, e2e.out, links).is_file()
                                        for s in meta["Sources"]), (js.name, meta["Sources"])
         if "_space-" in js.name:
-            assert meta.get("SpatialReference"), js.name
+            assert _resolve(meta["SpatialReference"], e2e.out, links).is_file(), js.name
         if "synth7T" in js.name:
             for key in SYNTH_KEYS:
                 assert key in meta, f"{js.name}: no {key}"

@@ -44,9 +44,10 @@ REF_RESOLUTION = (
     f"{REF_ZOOMS[0]:g} mm isotropic, {'x'.join(map(str, REF_SHAPE))} voxels "
     "(MRIxFields2026 grid: FSL MNI152 0.5 mm sform)"
 )
-#: What ``SpatialReference`` says for the reference space (a coordinate system plus a grid; the
-#: 0.5 mm grid is never stored as a volume).
-REF_SPATIAL_REFERENCE = f"bids:templateflow:tpl-{REF_SPACE}"
+#: ``SpatialReference`` of reference-space files: the shipped 1 mm template image (same MNI
+#: coordinates; the 0.5 mm grid itself is never stored as a volume, ``Resolution`` describes it),
+#: resolved through ``DatasetLinks.templateflow``.
+REF_SPATIAL_REFERENCE = f"bids:templateflow:tpl-{REF_SPACE}/tpl-{REF_SPACE}_res-1_T1w.nii.gz"
 
 
 def _listify(value):
