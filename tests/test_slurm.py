@@ -3,8 +3,9 @@
 * The helpers of :mod:`bids_app.slurm` on a tiny Nipype graph under ``SLURMGraph``: waiting,
   cancelling dependants of a failed node, naming it.
 * The BIDS App on ``../shared/data/bids_3t`` sub-02 with ``--use-plugin`` SLURM and SLURMGraph
-  gives the same synthetic images as MultiProc, and a node that fails under SLURM makes the App
-  exit non-zero naming it (a model dir whose registry entry has a wrong SHA-256).
+  gives the same synthetic images as MultiProc; a node that crashes inside its SLURM job makes
+  the App exit 1 naming it (baseline parameters that pass the SHA-256 check but cannot be used);
+  a wrong SHA-256 is refused before any job is submitted (exit 65).
 
 Skipped only when ``sinfo`` is absent. ``sinfo`` present but no idle node is a failure.
 """
@@ -203,42 +204,70 @@ def test_app_same_derivatives_as_multiproc(app_runs, plugin):
         assert diff <= 1e-5, f"{key}: max |MultiProc - {plugin}| = {diff}"
 
 
-def _bad_model_dir(root: Path) -> Path:
-    """A --model-dir whose default entries point at the baseline with a wrong SHA-256."""
-    from synth7t.registry import MODELS_DIR, Registry
+def _model_dir(root: Path, *, contrast: str, params: bytes | None = None,
+               sha256: str | None = None) -> Path:
+    """A --model-dir overriding the default model of ``contrast`` at 3 T.
 
-    bad = root / "bad_models"
-    bad.mkdir()
-    entries = []
-    for e in Registry.load():
-        if e.name != "default":
-            continue
-        shutil.copy(e.file, bad / e.file.name)
-        shutil.copy(e.card, bad / e.card.name)
-        entries.append({"name": "default", "kind": e.kind, "contrast": e.contrast,
-                        "field_bin": e.field_bin, "version": e.version, "file": e.file.name,
-                        "sha256": "0" * 64, "card": e.card.name})
-    (bad / "registry.json").write_text(json.dumps({"schema": "synth7t-registry/1",
-                                                   "models": entries}))
-    return bad
+    ``params`` replaces the baseline parameters (the registry's SHA-256 then matches the new
+    file unless ``sha256`` is given).
+    """
+    import hashlib
+
+    from synth7t.registry import Registry
+
+    folder = root / f"models_{contrast}"
+    folder.mkdir()
+    e = Registry.load().get(contrast, 3.0)
+    data = params if params is not None else e.file.read_bytes()
+    (folder / "params.json").write_bytes(data)
+    shutil.copy(e.card, folder / "card.json")
+    entry = {"name": "default", "kind": e.kind, "contrast": e.contrast, "field_bin": e.field_bin,
+             "version": e.version + "-test", "file": "params.json",
+             "sha256": sha256 or hashlib.sha256(data).hexdigest(), "card": "card.json"}
+    (folder / "registry.json").write_text(json.dumps({"schema": "synth7t-registry/1",
+                                                      "models": [entry]}))
+    return folder
+
+
+def _env() -> dict:
+    return dict(os.environ, LOGNAME=os.environ.get("LOGNAME") or "root", NIPYPE_NO_ET="1")
 
 
 @needs_app
 @pytest.mark.parametrize("plugin", ["SLURM", "SLURMGraph"])
 def test_app_failing_node_under_slurm_exits_nonzero_naming_it(app_runs, plugin, tmp_path):
+    """The T1w synthesis node crashes inside its SLURM job (parameters that pass the SHA-256
+    check but lack the tissue tables): the App exits 1 and names the node."""
+    from synth7t.registry import Registry
+
+    if Registry.load().get("T1w", 3.0).kind != "baseline":
+        pytest.skip("the crash recipe breaks baseline parameters; the default T1w model is not one")
     run = app_runs[plugin]
-    env = dict(os.environ, LOGNAME=os.environ.get("LOGNAME") or "root", NIPYPE_NO_ET="1")
-    bad = _bad_model_dir(tmp_path)
-    # reuse the plugin's work dir: preprocessing is cached, only synthesis runs (and fails)
-    proc = _run_app(tmp_path / "out", run["work"], str(run["plugin"]), env,
+    bad = _model_dir(tmp_path, contrast="T1w", params=b'{"note": "no tissue tables"}\n')
+    # reuse the plugin's work dir: preprocessing is cached, only synthesis runs (and T1w fails)
+    proc = _run_app(tmp_path / "out", run["work"], str(run["plugin"]), _env(),
                     "--model-dir", str(bad))
     text = proc.stdout + proc.stderr
-    assert proc.returncode != 0, text[-3000:]
-    assert "SHA-256" in text or "sha256" in text.lower(), text[-3000:]
-    # the failed node is named (the synthesis node of the pipeline)
-    assert "synth" in text.lower() and ("node" in text.lower() or "crash" in text.lower()), \
-        text[-3000:]
+    assert proc.returncode == 1, text[-3000:]
+    assert "synthesize_t1w" in text, text[-3000:]
+    assert "synthesize_t2w" not in text and "synthesize_flair" not in text, text[-3000:]
     # no SLURM job of this run is left in the queue
     from bids_app.slurm import slurm_jobs
 
     assert not [j for j in slurm_jobs(run["work"]) if j["state"] in ("PENDING", "RUNNING")]
+
+
+@needs_app
+def test_app_wrong_sha256_refused_before_any_job(tmp_path):
+    """A registry entry whose SHA-256 does not match is refused at graph-build time (exit 65):
+    no job is submitted at all."""
+    bad = _model_dir(tmp_path, contrast="T1w", sha256="0" * 64)
+    spec = _write_plugin(tmp_path / "slurmgraph.yml", PLUGINS["SLURMGraph"])
+    work = tmp_path / "work"
+    proc = _run_app(tmp_path / "out", work, str(spec), _env(), "--model-dir", str(bad))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 65, text[-3000:]
+    assert "SHA-256" in text, text[-3000:]
+    from bids_app.slurm import slurm_jobs
+
+    assert slurm_jobs(work) == []
