@@ -85,7 +85,8 @@ def describe(path: Path, root: Path) -> dict | None:
     if m:
         pair = _pair_of(path, root)
         src = PAIR_RE.match(pair).group("src") if pair else None
-        return {"naming": "mrixfields", "modality": m["mod"], "case": m["id"],
+        # IDs are compared as 4-digit numbers ('21' == '0021'), as the organisers' scorer does
+        return {"naming": "mrixfields", "modality": m["mod"], "case": f"{int(m['id']):04d}",
                 "field": m["field"], "pair": pair, "source": src or "unknown"}
     m = BIDS_SUFFIX_RE.search(path.name)
     if m and path.name.startswith("sub-"):
