@@ -584,8 +584,7 @@ def generate_report(out_dir: str | os.PathLike, participant_label: str, run_info
     participant = str(participant_label)
     participant = participant[4:] if participant.startswith("sub-") else participant
     run_info = dict(run_info or {})
-    fig_dir = out_dir / f"sub-{participant}" / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
+    fig_dir = out_dir / f"sub-{participant}" / "figures"  # made by the first figure written
     versions = _versions(run_info.get("versions"))
 
     fig_log: list[str] = []
