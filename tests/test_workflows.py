@@ -397,3 +397,25 @@ def test_itk_text_transforms_match_ants(tmp_path):
     d = to_native(img, grid, [inv]).get_fdata()
     assert np.allclose(c, d, atol=1e-3 * c.max())
     assert not np.allclose(a, c)
+
+
+def test_sink_copies_bytes(tmp_path):
+    """.nii.gz inputs are copied as they are (no recompression), other files are real copies."""
+    src = _raw_source(tmp_path)
+    in_file = tmp_path / "preproc.nii.gz"
+    save_image(np.random.default_rng(2).random((9, 9, 9)), np.eye(4), in_file, code=1)
+    xfm = _itk_affine(tmp_path / "fwd.txt", np.eye(3), (1, 2, 3))
+    out = tmp_path / "out"
+    nii = DerivativesDataSink(base_directory=str(out), desc="preproc", compress=True,
+                              in_file=str(in_file), source_file=str(src)).run()
+    assert Path(nii.outputs.out_file).read_bytes() == in_file.read_bytes()
+    txt = DerivativesDataSink(base_directory=str(out), suffix="xfm", mode="image",
+                              to="T1w", compress=None, in_file=str(xfm), source_file=str(src),
+                              **{"from": "T2w"}).run()
+    dest = Path(txt.outputs.out_file)
+    assert dest.name == "sub-01_from-T2w_to-T1w_mode-image_xfm.txt"
+    assert dest.read_bytes() == xfm.read_bytes() and dest.stat().st_ino != xfm.stat().st_ino
+    import niworkflows.interfaces.bids as nwb
+    from niworkflows.utils.misc import _copy_any
+
+    assert nwb._copy_any is _copy_any  # restored
