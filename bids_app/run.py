@@ -576,7 +576,8 @@ def _run_info(subject, sub_items, models, errs, crashed, progress, opts, common,
             except (OSError, ValueError):
                 pass
             for w in conform_warnings:
-                LOGGER.warning("%s: %s", img.relpath, w)
+                LOGGER.warning("%s", w if str(w).startswith(img.path.name)
+                               else f"{img.relpath}: {w}")
             missing = sorted(set(expected[c]) - set(der))
             inputs.append({
                 "contrast": c, "session": it.session, "source": img.relpath,

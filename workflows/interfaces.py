@@ -73,8 +73,9 @@ class Conform(SimpleInterface):
 
         img = load_image(self.inputs.in_file)
         out, warnings = conform(img, name=Path(self.inputs.in_file).name)
+        name = Path(self.inputs.in_file).name
         for msg in warnings:
-            LOGGER.warning("%s: %s", Path(self.inputs.in_file).name, msg)
+            LOGGER.warning("%s", msg if str(msg).startswith(name) else f"{name}: {msg}")
         out_file = _out(runtime, self.inputs.in_file, "conform")
         atomic_write_nifti(out, out_file)
         self._results["out_file"] = out_file
