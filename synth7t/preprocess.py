@@ -17,8 +17,10 @@ Design notes
   call there decides; in a long-lived process the first call's value sticks.
 * ``seed`` is passed to antsRegistration as ``--random-seed seed+1`` (0 there means "use the
   clock"; antspyx 0.6.3 reads it from ``ants.config``, its ``registration()`` ignores a
-  ``random_seed`` keyword), which makes the random metric sampling repeatable for a fixed
-  thread count.
+  ``random_seed`` keyword). Registrations are then bit-for-bit repeatable **only with one ITK
+  thread**: with 2 threads the multithreaded Mattes-MI accumulation still varies from run to run
+  (measured: affine terms differ by ~0.003, translations by ~0.05 mm). This is why antspyx's own
+  ``set_ants_deterministic`` forces one thread.
 * ``ants`` is imported lazily: it costs ~2 s and graph-building code imports this module.
 """
 from __future__ import annotations
