@@ -63,8 +63,11 @@ def _setup_logging(verbose: int) -> None:
         if getattr(h, "_synth7t_console", False):
             h.stream = sys.stderr  # the current stderr (tests replace it)
             h.setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
+    # Interface warnings (e.g. conform's header repairs) are summarised by the App after the
+    # run; Nipype prints them itself from -v on.
     wf_level = "DEBUG" if verbose >= 3 else "INFO" if verbose >= 1 else "WARNING"
-    other = "DEBUG" if verbose >= 3 else "INFO" if verbose >= 2 else "WARNING"
+    other = ("DEBUG" if verbose >= 3 else "INFO" if verbose >= 2 else "WARNING" if verbose
+             else "ERROR")
     ncfg.update_config({"logging": {"workflow_level": wf_level, "interface_level": other,
                                     "utils_level": other}})
     nlogging.update_logging(ncfg)
