@@ -479,11 +479,11 @@ def _run_graph(items, models, opts, plugin, provenance, log_dir: Path, t_start: 
     if plugin["plugin"] not in _GRAPH_PLUGINS:
         plugin_args["status_callback"] = progress
     run_error = None
+    run_exc = None
     try:
         wf.run(plugin=plugin["plugin"], plugin_args=plugin_args)
     except Exception as exc:  # noqa: BLE001 - Nipype raises RuntimeError after node crashes
-        if "did not execute cleanly" not in str(exc):
-            run_error = f"the workflow stopped: {type(exc).__name__}: {exc}"
+        run_exc = exc
         LOGGER.debug("wf.run raised %r", exc)
     crashed: dict[str, list[str]] = {}
     if plugin["plugin"] == "SLURMGraph":
@@ -509,6 +509,12 @@ def _run_graph(items, models, opts, plugin, provenance, log_dir: Path, t_start: 
                 line = f"{f.name}: {_crash_summary(f)}"
                 if line not in crashed.get(it.subject, []):
                     crashed.setdefault(it.subject, []).append(line)
+    nipype_summary = re.search(r"did not execute cleanly|raised\. Re-raising first",
+                               str(run_exc or ""))
+    if run_exc is not None and (not nipype_summary or not (crashed or progress.failed)):
+        # not Nipype's "some nodes crashed" summary: Nipype itself failed (e.g. no space left
+        # on the device to write a crash file)
+        run_error = f"the workflow stopped: {type(run_exc).__name__}: {run_exc}"
     for label, nodes in progress.failed.items():
         subject = label.split("_")[0][4:]
         if subject and not crashed.get(subject):
