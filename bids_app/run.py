@@ -525,7 +525,8 @@ def _run_graph(items, models, opts, plugin, provenance, log_dir: Path, t_start: 
                 crashed.setdefault(it.subject, []).append(run_error)
     for subject, lines in crashed.items():
         for line in lines:
-            _error(f"sub-{subject}: {line} (crash files in {log_dir / f'sub-{subject}'})")
+            if line != run_error:  # printed once by the caller
+                _error(f"sub-{subject}: {line} (crash files in {log_dir / f'sub-{subject}'})")
     return progress, crashed, run_error
 
 
