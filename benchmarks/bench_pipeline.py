@@ -159,9 +159,10 @@ def run_case(name: str, label: str, target: float, args) -> dict:
                     first - t_start, sampler.peak(t_start, first)))
     rows.append(("run info + HTML report", 0, t_end - last, t_end - last,
                  sampler.peak(last, t_end)))
+    slowest = sorted(((b - a, n) for n, a, b in nodes), reverse=True)[:args.top]
     result = {"name": name, "label": label, "target": target, "rc": proc.returncode,
               "wall": t_end - t_start, "graph": last - first, "peak": sampler.peak(),
-              "rows": rows, "log": log, "root": root}
+              "rows": rows, "log": log, "root": root, "slowest": slowest}
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return result
@@ -179,6 +180,8 @@ def print_case(res: dict) -> None:
     print(f"| **total** | | **{res['wall']:.1f}** (target {res['target']:.0f}: {ok_t}) | "
           f"graph {res['graph']:.1f} | **{res['peak'] / gb:.2f}** "
           f"(target {RSS_TARGET_GB:g}: {ok_m}) |")
+    if res["slowest"]:
+        print("\nslowest nodes: " + ", ".join(f"{n} {d:.1f} s" for d, n in res["slowest"]))
     if res["rc"] != 0:
         print("\n```\n" + "\n".join(res["log"].splitlines()[-30:]) + "\n```")
 
@@ -191,6 +194,7 @@ def main(argv=None) -> int:
     ap.add_argument("--case", choices=list(CASES), action="append",
                     help="run only these cases (default: all)")
     ap.add_argument("--keep", action="store_true", help="keep the output/work folders")
+    ap.add_argument("--top", type=int, default=6, help="list the N slowest nodes")
     args = ap.parse_args(argv)
     with open("/proc/loadavg") as fh:
         load = fh.read().split()[:3]
