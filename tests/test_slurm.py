@@ -206,7 +206,7 @@ def test_app_same_derivatives_as_multiproc(app_runs, plugin):
 
 def _model_dir(root: Path, *, contrast: str, params: bytes | None = None,
                sha256: str | None = None) -> Path:
-    """A --model-dir overriding the default model of ``contrast`` at 3 T.
+    """A --model-dir whose ``default`` model for ``contrast`` at 3 T is the baseline.
 
     ``params`` replaces the baseline parameters (the registry's SHA-256 then matches the new
     file unless ``sha256`` is given).
@@ -217,12 +217,12 @@ def _model_dir(root: Path, *, contrast: str, params: bytes | None = None,
 
     folder = root / f"models_{contrast}"
     folder.mkdir()
-    e = Registry.load().get(contrast, 3.0)
+    e = Registry.load().get(contrast, 3.0, name="baseline")
     data = params if params is not None else e.file.read_bytes()
     (folder / "params.json").write_bytes(data)
     shutil.copy(e.card, folder / "card.json")
-    entry = {"name": "default", "kind": e.kind, "contrast": e.contrast, "field_bin": e.field_bin,
-             "version": e.version + "-test", "file": "params.json",
+    entry = {"name": "default", "kind": "baseline", "contrast": e.contrast,
+             "field_bin": e.field_bin, "version": e.version + "-test", "file": "params.json",
              "sha256": sha256 or hashlib.sha256(data).hexdigest(), "card": "card.json"}
     (folder / "registry.json").write_text(json.dumps({"schema": "synth7t-registry/1",
                                                       "models": [entry]}))
@@ -238,10 +238,6 @@ def _env() -> dict:
 def test_app_failing_node_under_slurm_exits_nonzero_naming_it(app_runs, plugin, tmp_path):
     """The T1w synthesis node crashes inside its SLURM job (parameters that pass the SHA-256
     check but lack the tissue tables): the App exits 1 and names the node."""
-    from synth7t.registry import Registry
-
-    if Registry.load().get("T1w", 3.0).kind != "baseline":
-        pytest.skip("the crash recipe breaks baseline parameters; the default T1w model is not one")
     run = app_runs[plugin]
     bad = _model_dir(tmp_path, contrast="T1w", params=b'{"note": "no tissue tables"}\n')
     # reuse the plugin's work dir: preprocessing is cached, only synthesis runs (and T1w fails)
