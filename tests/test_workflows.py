@@ -419,3 +419,32 @@ def test_sink_copies_bytes(tmp_path):
     from niworkflows.utils.misc import _copy_any
 
     assert nwb._copy_any is _copy_any  # restored
+
+
+def test_native_outputs_need_no_header_fix(tmp_path):
+    """Native images handed to the sinks already have scanner codes and mm units."""
+    from workflows.interfaces import MaskToNative
+
+    img = tiny_image()
+    src = _raw_source(tmp_path)
+    (tmp_path / "in.nii.gz").write_bytes(src.read_bytes())
+    ident = _itk_affine(tmp_path / "id.txt", np.eye(3), (0, 0, 0))
+    img.to_filename(tmp_path / "ref.nii.gz")
+    res = MaskToNative(in_mask=str(tmp_path / "ref.nii.gz"),
+                       reference_file=str(tmp_path / "ref.nii.gz"),
+                       transforms=[str(ident)]).run(cwd=str(tmp_path))
+    sink = DerivativesDataSink(base_directory=str(tmp_path / "out"), space="T2w", desc="brain",
+                               suffix="mask", compress=True, in_file=res.outputs.out_mask,
+                               source_file=str(src)).run()
+    assert sink.outputs.fixed_hdr == [False]
+
+
+def test_n4_output_is_copied_by_the_sink(tmp_path):
+    src = _raw_source(tmp_path)
+    res = N4BiasFieldCorrection(in_file=str(src)).run(cwd=str(tmp_path))
+    hdr = nib.load(res.outputs.out_file).header
+    assert (int(hdr["qform_code"]), int(hdr["sform_code"])) == (1, 1)
+    sink = DerivativesDataSink(base_directory=str(tmp_path / "out"), desc="preproc",
+                               compress=True, in_file=res.outputs.out_file,
+                               source_file=str(src)).run()
+    assert sink.outputs.fixed_hdr == [False]

@@ -24,7 +24,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from .storage import MNI_CODE, SCANNER_CODE, save_image
+from .storage import ALIGNED_CODE, MNI_CODE, SCANNER_CODE, save_image
 
 LOGGER = logging.getLogger("nipype.interface")
 
@@ -100,13 +100,17 @@ class N4BiasFieldCorrection(SimpleInterface):
     output_spec = _N4OutputSpec
 
     def _run_interface(self, runtime):
-        from synth7t.io import atomic_write_nifti
+        import numpy as np
+
         from synth7t.preprocess import n4_correct
 
         mask = _load(self.inputs.mask_file) if isdefined(self.inputs.mask_file) else None
         out = n4_correct(_load(self.inputs.in_file), mask=mask, threads=self.inputs.omp_nthreads)
         out_file = _out(runtime, self.inputs.in_file, "n4")
-        atomic_write_nifti(out, out_file)
+        # scanner xform codes and mm units: the header the derivatives sink wants for a native
+        # image, so it copies the file instead of rewriting it (~40 s for a 1 mm head)
+        save_image(np.asanyarray(out.dataobj, dtype=np.float32), out.affine, out_file,
+                   dtype="float32", code=SCANNER_CODE)
         self._results["out_file"] = out_file
         return runtime
 
@@ -347,7 +351,7 @@ class MaskToNative(SimpleInterface):
         out = to_native(mask, ref, list(self.inputs.transforms), interpolation="linear")
         out_mask = _out(runtime, self.inputs.reference_file, "mask")
         save_image(np.asanyarray(out.dataobj) >= 0.5, ref.affine, out_mask, dtype="uint8",
-                   code=SCANNER_CODE)
+                   code=ALIGNED_CODE)  # stored as space-<contrast>: "aligned" xform code
         self._results["out_mask"] = out_mask
         return runtime
 

@@ -17,6 +17,7 @@ import numpy as np
 #: sform/qform code of images on the MRIxFields grid (MNI152 coordinates).
 MNI_CODE = 4
 SCANNER_CODE = 1
+ALIGNED_CODE = 2
 _INT_MAX = {"uint16": 65535, "int16": 32767}
 
 
