@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from .fields import CONTRASTS, SUPPORTED_BINS
+from .io import sha256_file  # noqa: F401  (re-exported: callers import it from here)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .inference import Synthesizer
@@ -48,15 +49,6 @@ class RegistryError(ValueError):
 
 class ModelIntegrityError(RegistryError):
     """A model file is missing, fails its SHA-256 check or has a refused format."""
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def canonical_contrast(contrast: str) -> str:
