@@ -32,6 +32,16 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(status)
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only when there is one worth showing."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, 0) and action.option_strings and \
+                not isinstance(action.default, float):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _label(prefix: str):
     """Type for BIDS labels: drops ``sub-``/``ses-`` and refuses anything but [A-Za-z0-9]."""
 
@@ -107,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"synth7t v{__version__}: synthesise 7T-equivalent structural MRI (T1w, T2w, FLAIR) "
             "from 0.1/1.5/3/5 T scans of a BIDS dataset, and write a BIDS-Derivatives dataset."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     )
     parser.add_argument("bids_dir", type=Path, help="root folder of a valid BIDS dataset")
     parser.add_argument("output_dir", type=Path, help="output folder (BIDS-Derivatives)")
@@ -168,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g_perf.add_argument(
         "--random-seed", "--random_seed", dest="random_seed", type=int, default=0, metavar="N",
-        help="seed for registration, skull stripping and synthesis (recorded in every sidecar)",
+        help="seed for registration, skull stripping and synthesis, recorded in every sidecar "
+             "(default: 0, so reruns are identical and reuse the cache)",
     )
     g_perf.add_argument(
         "--notrack", action="store_true", default=False,
