@@ -341,8 +341,9 @@ def from_t1w(path: str | Path, *, mask: str | Path | None = None, register: bool
         fixed = ants.image_read(str(icbm152_paths()["t1"]))
         fixed2 = ants.resample_image(fixed, (2, 2, 2), False, 0)
         moving2 = ants.resample_image(t1, (2, 2, 2), False, 0)
-        reg = ants.registration(fixed2, moving2, type_of_transform="Affine",
-                                random_seed=seed)
+        from .preprocess import ants_register
+
+        reg = ants_register(fixed2, moving2, "Affine", seed=seed)
         xfm = reg["fwdtransforms"]
 
         def warp(im: "ants.ANTsImage") -> np.ndarray:

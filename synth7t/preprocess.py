@@ -133,6 +133,20 @@ def _registration(fixed, moving, type_of_transform: str, *, outprefix: str, seed
                              outprefix=outprefix, **kwargs)
 
 
+def ants_register(fixed, moving, type_of_transform: str, *, outprefix: str | None = None,
+                  threads: int = 1, seed: int = 0, **kwargs) -> dict:
+    """``ants.registration`` made repeatable: fixed ITK thread count and a non-clock seed.
+
+    For callers outside this module that hold ANTs images already (training pairs, tissue
+    models); see the module notes for why one thread is needed for bit-identical results.
+    """
+    if outprefix is None:  # antspyx's own default: a fresh temporary prefix
+        outprefix = tempfile.mktemp()
+    with _ants_session(threads, seed):
+        return _registration(fixed, moving, type_of_transform, outprefix=outprefix, seed=seed,
+                             **kwargs)
+
+
 def nib_to_ants(img: nib.Nifti1Image, data: np.ndarray | None = None) -> "ants.ANTsImage":
     """Convert a 3D nibabel image (RAS affine) to a float32 ANTs image (LPS physical space).
 

@@ -320,6 +320,7 @@ def bids_pairs(bids_dir: str | Path, work_dir: str | Path, *,
     import nibabel as nib
 
     from .fields import FieldStrengthError, route_field
+    from .preprocess import ants_register
 
     bids_dir, work_dir = Path(bids_dir), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -348,8 +349,8 @@ def bids_pairs(bids_dir: str | Path, work_dir: str | Path, *,
                 continue
             stem = f"{sub}_{suffix}_{bin_label(fb)}"
             moving = ants.image_read(str(mov_path))
-            reg = ants.registration(fixed, moving, type_of_transform="Rigid",
-                                    outprefix=str(work_dir / f"{stem}_"), random_seed=seed)
+            reg = ants_register(fixed, moving, "Rigid", outprefix=str(work_dir / f"{stem}_"),
+                                threads=threads, seed=seed)
             warped = ants.apply_transforms(fixed, moving, reg["fwdtransforms"],
                                            interpolator="linear")
             src_path = work_dir / f"{stem}_to7T.nii.gz"
