@@ -60,8 +60,8 @@ def _random_brain(seed: int) -> dict[str, np.ndarray]:
 
 def _simulated(sim, field: float, seed: int) -> dict[str, np.ndarray]:
     pair = sim.sample_all_contrasts(field=field, seed=seed)
-    return {"T1W": pair["source"]["T1w"], "T2W": pair["source"]["T2w"],
-            "T2FLAIR": pair["source"]["FLAIR"]}
+    return {"T1W": pair["T1w"]["source"], "T2W": pair["T2w"]["source"],
+            "T2FLAIR": pair["FLAIR"]["source"]}
 
 
 def build_input(root: Path, sources: list[str], cases: int, generator: str) -> Path:

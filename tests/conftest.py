@@ -129,3 +129,54 @@ def tiny_bids(tmp_path):
 def bids_two_subjects(tiny_bids) -> Path:
     """sub-01: T1w+T2w at 3 T; sub-02: T1w+FLAIR at 1.5 T."""
     return tiny_bids({"01": {"T1w": 3, "T2w": 3}, "02": {"T1w": 1.5, "FLAIR": 1.5}})
+
+
+# --------------------------------------------------------------------------- headless browser
+def check_report_in_chromium(path: Path, tmp_path: Path) -> list:
+    """Open an HTML report in headless Chromium and assert it rendered cleanly.
+
+    Every ``<img>`` must have loaded (non-zero natural width) and the console must hold no
+    SEVERE entry. A full-page screenshot is saved as ``tmp_path/<report>.png`` (the CI artifact)
+    with the image list beside it. Skips when selenium or chromedriver is missing (the browser
+    tests are then reported as skipped, never as passed).
+
+    Returns
+    -------
+    list
+        ``[src, complete, naturalWidth]`` per image.
+    """
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    if not Path(driver_path).exists():
+        pytest.skip("chromedriver not installed (apt-get install chromium chromium-driver)")
+    opts = Options()
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run", "--window-size=1400,1000",
+                f"--user-data-dir={tmp_path / 'chrome-profile'}"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        driver.get(Path(path).absolute().as_uri())
+        sizes = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.src, i.complete, i.naturalWidth])")
+        assert sizes, f"{path}: the report has no images"
+        broken = [s for s in sizes if not s[1] or s[2] <= 0]
+        assert not broken, broken
+        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe
+        height = driver.execute_script("return document.body.scrollHeight")
+        driver.set_window_size(1400, min(int(height), 16000))
+        shot = tmp_path / f"{Path(path).stem}.png"
+        assert driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10000
+        print(f"screenshot: {shot}")
+        (tmp_path / f"{Path(path).stem}_images.json").write_text(json.dumps(sizes))
+        return sizes
+    finally:
+        driver.quit()

@@ -229,3 +229,17 @@ def test_second_run_reuses_the_cache(e2e):
         assert len(infos) == 2
         assert json.loads(infos[0].read_text())["executed_nodes"]
         assert json.loads(infos[-1].read_text())["executed_nodes"] == []
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("label", sorted(CONTRASTS))
+def test_real_report_in_browser(e2e, label, tmp_path):
+    """The report of the ``bids_3t`` run renders in headless Chromium (screenshot in tmp_path)."""
+    from conftest import check_report_in_chromium
+
+    report = e2e.out / f"sub-{label}.html"
+    assert report.is_file(), report
+    images = check_report_in_chromium(report, tmp_path)
+    # per contrast: brain mask, registration, three mosaics
+    assert len(images) == 5 * len(CONTRASTS[label])
+    assert all(f"sub-{label}/figures/" in src for src, _, _ in images)

@@ -1,17 +1,15 @@
 """The per-participant HTML report (bids_app/report.py).
 
-The fast test builds a report from a small synthetic derivatives folder. The browser test
-opens it in headless Chromium (selenium + /usr/bin/chromedriver), checks that every image
-loaded and that the console has no SEVERE entries, and saves a screenshot under tmp_path.
-Point it at another report with ``SYNTH7T_REPORT=/path/sub-01.html``.
+The fast test builds a report from a small synthetic derivatives folder; the browser test opens
+it in headless Chromium (:func:`conftest.check_report_in_chromium`). Point it at another report
+with ``SYNTH7T_REPORT=/path/sub-01.html``. The reports of the real ``../shared/data/bids_3t`` run
+are opened the same way in tests/test_e2e.py.
 """
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import nibabel as nb
@@ -19,6 +17,7 @@ import numpy as np
 import pytest
 
 from bids_app.report import generate_report
+from conftest import check_report_in_chromium
 
 SHAPE = (40, 48, 40)
 
@@ -131,43 +130,9 @@ def test_report_survives_missing_derivatives(tmp_path):
     assert "all-zero image" in text and "Not available" in text
 
 
-def _chrome(tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    if not Path(driver_path).exists():
-        pytest.skip("chromedriver not installed (apt-get install chromium chromium-driver)")
-    opts = Options()
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--window-size=1400,1000",
-                f"--user-data-dir={tmp_path / 'chrome-profile'}"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(driver_path), options=opts)
-
-
 @pytest.mark.browser
 def test_report_in_browser(report, tmp_path):
+    """The fixture report; the real ``bids_3t`` reports are opened in tests/test_e2e.py."""
     path = Path(os.environ.get("SYNTH7T_REPORT") or report[0])
-    driver = _chrome(tmp_path)
-    try:
-        driver.get(path.absolute().as_uri())
-        driver.execute_script("return document.readyState")
-        sizes = driver.execute_script(
-            "return Array.from(document.images).map(i => [i.src, i.complete, i.naturalWidth])")
-        assert sizes, "the report has no images"
-        broken = [s for s in sizes if not s[1] or s[2] <= 0]
-        assert not broken, broken
-        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-        assert not severe, severe
-        height = driver.execute_script("return document.body.scrollHeight")
-        driver.set_window_size(1400, min(int(height), 16000))
-        shot = tmp_path / f"{path.stem}.png"
-        assert driver.save_screenshot(str(shot))
-        assert shot.stat().st_size > 10000
-        print(f"screenshot: {shot}")
-        (tmp_path / "images.json").write_text(json.dumps(sizes))
-    finally:
-        driver.quit()
+    images = check_report_in_chromium(path, tmp_path)
+    assert len(images) == 5 * len(report[1]["inputs"])
