@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from synth7t import __version__
+from synth7t.io import atomic_write_text
 
-from .derivatives import atomic_write_text, container_info, software_versions
+from .derivatives import container_info, software_versions
 
 
 def _clean(obj):

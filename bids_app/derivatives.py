@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from importlib import metadata as _md
 from pathlib import Path
 
 from synth7t import __version__
+from synth7t.io import atomic_write_text
 
 from .exitcodes import EX_CANTCREAT, Synth7tExit
 
@@ -21,29 +21,8 @@ TRACKED = ("synth7t", "nipype", "niworkflows", "pybids", "nibabel", "numpy", "an
            "templateflow", "bids-validator-deno")
 
 
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write via a temporary file in the same folder, fsync, ``os.replace``."""
-    try:
-        from synth7t.io import atomic_write_text as _impl
-    except ImportError:  # pragma: no cover - synth7t.io provides it
-        _impl = None
-    if _impl is not None:
-        _impl(text, path)
-        return
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_json(obj, path: Path) -> None:
+    """Bookkeeping JSON (``default=str`` keeps odd values such as paths readable)."""
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", path)
 
 

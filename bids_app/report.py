@@ -83,6 +83,8 @@ from typing import Any
 
 import numpy as np
 
+from synth7t.io import atomic_write_bytes, atomic_write_text
+
 #: Packages whose versions the summary lists when ``run_info["versions"]`` does not.
 VERSION_PACKAGES = ("synth7t", "nipype", "niworkflows", "nibabel", "antspyx", "torch", "numpy",
                     "nilearn", "pybids")
@@ -111,30 +113,6 @@ img.reportlet{width:100%;max-width:1300px;display:block;background:#000;margin:.
 
 
 # --------------------------------------------------------------------------- small helpers
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write ``data`` to a temp file in ``path``'s folder, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fobj:
-            fobj.write(data)
-            fobj.flush()
-            os.fsync(fobj.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    _atomic_write_bytes(text.encode("utf-8"), path)
-
-
 def _get(d: dict | None, *keys: str, default: Any = None) -> Any:
     """First present key of ``d``, matched case-insensitively (``sha256`` == ``SHA256``)."""
     if not isinstance(d, dict):
@@ -310,7 +288,7 @@ def _fig_contour(image, mask, path: Path, *, title: str = "") -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, facecolor="k")
     plt.close(fig)
-    _atomic_write_bytes(buf.getvalue(), path)
+    atomic_write_bytes(buf.getvalue(), path)
 
 
 def _window_pair(input_img, synth_img, mask_img):
@@ -350,7 +328,7 @@ def _fig_mosaic(input_img, synth_img, cuts: dict, axis: str, path: Path, labels:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, facecolor="k")
     plt.close(fig)
-    _atomic_write_bytes(buf.getvalue(), path)
+    atomic_write_bytes(buf.getvalue(), path)
 
 
 # --------------------------------------------------------------------------- sections
@@ -630,5 +608,5 @@ def generate_report(out_dir: str | os.PathLike, participant_label: str, run_info
 </main></body></html>
 """
     out_file = out_dir / f"sub-{participant}.html"
-    _atomic_write_text(doc, out_file)
+    atomic_write_text(doc, out_file)
     return out_file

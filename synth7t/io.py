@@ -340,7 +340,11 @@ def atomic_write_json(obj: Any, path: str | os.PathLike, *, indent: int = 2) -> 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     """Write UTF-8 text atomically."""
-    data = text.encode("utf-8")
+    return atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write bytes atomically (figures, archives)."""
     return _atomic_write(path, lambda fh: fh.write(data))
 
 

@@ -41,7 +41,7 @@ from .inference import UNetSynthesizer, save_unet
 from .intensity import normalise
 from .networks import UNet25D, UNetConfig, condition_vector, count_parameters
 from .registry import (ModelIntegrityError, Registry, RegistryError, read_verified,
-                       safetensors_metadata, sha256_file)
+                       safetensors_metadata)
 
 #: MRIxFields modality names -> BIDS suffixes.
 MRIX_TO_BIDS = {"T1W": "T1w", "T2W": "T2w", "T2FLAIR": "FLAIR"}
