@@ -12,6 +12,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
+# Nipype workers inherit this; ITK reads it once per process, so a resampling node that is the
+# first ITK user of a worker cannot leave a later registration there multithreaded (and hence
+# not reproducible). See workflows.interfaces.ANTS_NTHREADS.
+os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
 
 import datetime as _dt  # noqa: E402
 import json  # noqa: E402

@@ -474,8 +474,8 @@ def app_env() -> dict:
 
 
 def std_args(work: Path | None, *extra: str) -> list[str]:
-    args = ["--skip-bids-validation", "--nprocs", "2", "--omp-nthreads", "1",
-            "--random-seed", "7"]
+    # --omp-nthreads left at its default (2 here): reproducibility must not need one thread
+    args = ["--skip-bids-validation", "--nprocs", "2", "--random-seed", "7"]
     if work is not None:
         args += ["-w", str(work)]
     return args + list(extra)

@@ -120,7 +120,10 @@ def test_build_matrix(contrasts, session, mode):
     anchor = contrasts[0].lower()
     strip = wf.get_node(f"{sub}.anat_preproc_{anchor}_wf.skull_strip")
     assert strip.interface.inputs.mode == mode and strip.interface.inputs.seed == 3
-    assert strip.n_procs == 2
+    # antspyx nodes stay single-threaded (reproducible registrations); torch gets omp_nthreads
+    assert strip.n_procs == 1 and strip.interface.inputs.omp_nthreads == 1
+    to_ref = wf.get_node(f"{sub}.register_wf.{anchor}_to_ref")
+    assert to_ref.n_procs == 1 and to_ref.interface.inputs.omp_nthreads == 1
     assert f"{sub}.register_wf.{anchor}_to_ref" in names
     for c in contrasts:
         lc = c.lower()
@@ -128,6 +131,7 @@ def test_build_matrix(contrasts, session, mode):
         assert f"{sub}.anat_preproc_{lc}_wf.n4" in names
         synth = wf.get_node(f"{sub}.synthesis_wf.synthesize_{lc}")
         assert synth.interface.inputs.contrast == c
+        assert synth.n_procs == 2 and synth.interface.inputs.omp_nthreads == 2
         assert synth.interface.inputs.field_bin == 3.0
         assert synth.interface.inputs.model_name == "default"
         if lc != anchor:

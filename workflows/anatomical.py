@@ -4,11 +4,12 @@ from __future__ import annotations
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from .interfaces import Conform, DetectSkullStripped, N4BiasFieldCorrection, SkullStrip
+from .interfaces import (ANTS_NTHREADS, Conform, DetectSkullStripped, N4BiasFieldCorrection,
+                         SkullStrip)
 
 
 def init_anat_preproc_wf(*, contrast: str, skull_strip: str = "auto", is_anchor: bool = True,
-                         omp_nthreads: int = 1, seed: int = 0, name: str | None = None):
+                         seed: int = 0, name: str | None = None):
     """Conform, bias-correct and (for the anatomical reference) brain-extract one image.
 
     The anatomical reference (``is_anchor``; T1w when present) is skull-stripped here; the
@@ -24,8 +25,6 @@ def init_anat_preproc_wf(*, contrast: str, skull_strip: str = "auto", is_anchor:
         ``auto`` (detect brain-extracted input), ``force`` or ``skip``.
     is_anchor : bool
         Whether this image is the anatomical reference.
-    omp_nthreads : int
-        Threads per node.
     seed : int
         Random seed for brain extraction.
     name : str, optional
@@ -55,8 +54,8 @@ def init_anat_preproc_wf(*, contrast: str, skull_strip: str = "auto", is_anchor:
         fields=["preproc", "brain", "mask", "input_stripped", "warnings"]), name="outputnode")
 
     conform = pe.Node(Conform(), name="conform", mem_gb=0.5)
-    n4 = pe.Node(N4BiasFieldCorrection(omp_nthreads=omp_nthreads), name="n4",
-                 n_procs=omp_nthreads, mem_gb=1.0)
+    n4 = pe.Node(N4BiasFieldCorrection(omp_nthreads=ANTS_NTHREADS), name="n4",
+                 n_procs=ANTS_NTHREADS, mem_gb=1.0)
     wf.connect([
         (inputnode, conform, [("in_file", "in_file")]),
         (conform, n4, [("out_file", "in_file")]),
@@ -64,8 +63,8 @@ def init_anat_preproc_wf(*, contrast: str, skull_strip: str = "auto", is_anchor:
         (n4, outputnode, [("out_file", "preproc")]),
     ])
     if is_anchor:
-        strip = pe.Node(SkullStrip(mode=skull_strip, omp_nthreads=omp_nthreads, seed=seed),
-                        name="skull_strip", n_procs=omp_nthreads, mem_gb=1.5)
+        strip = pe.Node(SkullStrip(mode=skull_strip, omp_nthreads=ANTS_NTHREADS, seed=seed),
+                        name="skull_strip", n_procs=ANTS_NTHREADS, mem_gb=1.5)
         wf.connect([
             (n4, strip, [("out_file", "in_file")]),
             (strip, outputnode, [("out_file", "brain"), ("out_mask", "mask"),

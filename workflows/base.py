@@ -62,7 +62,8 @@ def init_synth7t_wf(*, sessions, output_dir, skull_strip: str = "auto", registry
     storage_dtype : str
         Storage of reference-grid derivatives.
     omp_nthreads : int
-        Threads per node.
+        Torch threads per synthesis node (antspyx nodes run single-threaded for
+        bit-reproducible registrations; see ``workflows.interfaces.ANTS_NTHREADS``).
     seed : int
         Random seed.
     provenance : dict, optional
@@ -132,7 +133,8 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
     storage_dtype : str
         Storage of reference-grid derivatives.
     omp_nthreads : int
-        Threads per node.
+        Torch threads per synthesis node (antspyx nodes run single-threaded for
+        bit-reproducible registrations; see ``workflows.interfaces.ANTS_NTHREADS``).
     seed : int
         Random seed.
     provenance : dict, optional
@@ -169,12 +171,10 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
     anat_wfs = {}
     for c in contrasts:
         anat_wfs[c] = init_anat_preproc_wf(contrast=c, skull_strip=skull_strip,
-                                           is_anchor=c == anchor, omp_nthreads=omp_nthreads,
-                                           seed=seed)
+                                           is_anchor=c == anchor, seed=seed)
         wf.connect(inputnode, c.lower(), anat_wfs[c], "inputnode.in_file")
 
-    register_wf = init_register_wf(anchor=anchor, others=others, omp_nthreads=omp_nthreads,
-                                   seed=seed)
+    register_wf = init_register_wf(anchor=anchor, others=others, seed=seed)
     synthesis_wf = init_synthesis_wf(
         contrasts=contrasts, anchor=anchor, models=models,
         field_bins={c: images[c].routing.bin for c in contrasts}, model_dir=model_dir,

@@ -47,6 +47,14 @@ def _load(path):
     return nb.load(str(path))
 
 
+#: ITK threads for every antspyx node. ITK fixes its thread count when a process first uses it,
+#: and antsRegistration's multithreaded metric sums vary from run to run with more than one
+#: thread, so ANTs nodes run single-threaded and registrations are bit-reproducible for a seed.
+#: Parallelism comes from running nodes side by side (``--nprocs``); ``--omp-nthreads`` sets the
+#: torch threads of the synthesis nodes.
+ANTS_NTHREADS = 1
+
+
 class _ThreadsInputSpec(BaseInterfaceInputSpec):
     omp_nthreads = traits.Int(1, usedefault=True, nohash=True,
                               desc="threads for ITK/torch (does not affect the cache)")

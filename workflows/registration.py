@@ -4,7 +4,7 @@ from __future__ import annotations
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from .interfaces import MaskToNative, RegisterRigid, RegisterToReference
+from .interfaces import ANTS_NTHREADS, MaskToNative, RegisterRigid, RegisterToReference
 
 
 def _pick_fixed(stripped, brain, head):
@@ -13,7 +13,7 @@ def _pick_fixed(stripped, brain, head):
 
 
 def init_register_wf(*, anchor: str = "T1w", others: list[str] | tuple[str, ...] = (),
-                     omp_nthreads: int = 1, seed: int = 0, name: str = "register_wf"):
+                     seed: int = 0, name: str = "register_wf"):
     """Register the anatomical reference to MRIxFields and the other contrasts to it.
 
     Parameters
@@ -22,10 +22,8 @@ def init_register_wf(*, anchor: str = "T1w", others: list[str] | tuple[str, ...]
         Contrast of the anatomical reference (T1w when present).
     others : list of str
         Contrasts registered rigidly to the anchor (T2w, FLAIR).
-    omp_nthreads : int
-        Threads per node.
     seed : int
-        Random seed for the registrations.
+        Random seed for the registrations (single-threaded, see ``ANTS_NTHREADS``).
     name : str
         Workflow name.
 
@@ -56,8 +54,8 @@ def init_register_wf(*, anchor: str = "T1w", others: list[str] | tuple[str, ...]
     inputnode = pe.Node(niu.IdentityInterface(fields=in_fields), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=out_fields), name="outputnode")
 
-    to_ref = pe.Node(RegisterToReference(omp_nthreads=omp_nthreads, seed=seed),
-                     name=f"{anchor.lower()}_to_ref", n_procs=omp_nthreads, mem_gb=2.0)
+    to_ref = pe.Node(RegisterToReference(omp_nthreads=ANTS_NTHREADS, seed=seed),
+                     name=f"{anchor.lower()}_to_ref", n_procs=ANTS_NTHREADS, mem_gb=2.0)
     wf.connect([
         (inputnode, to_ref, [("anchor_brain", "in_file"), ("anchor_mask", "in_mask")]),
         (to_ref, outputnode, [("forward_transform", "anchor2ref"),
@@ -68,8 +66,8 @@ def init_register_wf(*, anchor: str = "T1w", others: list[str] | tuple[str, ...]
         pick = pe.Node(niu.Function(function=_pick_fixed, input_names=["stripped", "brain", "head"],
                                     output_names=["fixed"]),
                        name=f"pick_fixed_{lc}", run_without_submitting=True)
-        rigid = pe.Node(RegisterRigid(omp_nthreads=omp_nthreads, seed=seed),
-                        name=f"{lc}_to_{anchor.lower()}", n_procs=omp_nthreads, mem_gb=1.0)
+        rigid = pe.Node(RegisterRigid(omp_nthreads=ANTS_NTHREADS, seed=seed),
+                        name=f"{lc}_to_{anchor.lower()}", n_procs=ANTS_NTHREADS, mem_gb=1.0)
         mask = pe.Node(MaskToNative(), name=f"mask_{lc}", mem_gb=0.5)
         wf.connect([
             (inputnode, pick, [(f"{lc}_stripped", "stripped"), ("anchor_brain", "brain"),
