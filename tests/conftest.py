@@ -40,6 +40,57 @@ def bids_3t(shared_data) -> Path:
     return shared_data / "bids_3t"
 
 
+# --------------------------------------------------------------------------- the real run
+APP_TIMEOUT = 3600
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """SHA-256 and mtime of every file below ``root`` (to prove a tree was not touched)."""
+    import hashlib
+
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[p.relative_to(root).as_posix()] = (
+                hashlib.sha256(p.read_bytes()).hexdigest() + f":{st.st_mtime_ns}")
+    return out
+
+
+def run_app(args, cwd):
+    """Run the installed ``synth7t`` command; the result carries ``seconds``."""
+    import subprocess
+    import sys
+    import time
+
+    exe = Path(sys.executable).parent / "synth7t"
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "bids_app.run"]
+    env = dict(os.environ, NIPYPE_NO_ET="1", TEMPLATEFLOW_AUTOUPDATE="0")
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=APP_TIMEOUT)
+    proc.seconds = time.monotonic() - t0
+    return proc
+
+
+@pytest.fixture(scope="session")
+def bids_3t_run(tmp_path_factory, bids_3t):
+    """``synth7t ../shared/data/bids_3t <out> participant -w <work>``, once per session.
+
+    The documented command with default options (MultiProc). tests/test_e2e.py checks it and
+    runs it again on the same work dir; tests/test_slurm.py use its
+    outputs (the report in a browser, the MultiProc reference for the SLURM plugins).
+    """
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("bids_3t_run")
+    out, work = root / "out", root / "work"
+    args = [os.path.relpath(bids_3t, REPO), out, "participant", "-w", work]
+    before = tree_digest(bids_3t)
+    proc = run_app(args, REPO)
+    return SimpleNamespace(out=out, work=work, args=args, proc=proc, bids=bids_3t, before=before)
+
+
 # --------------------------------------------------------------------------- tiny datasets
 def tiny_image(shape=(20, 24, 20), *, seed: int = 0, zooms=(2.0, 2.0, 2.0),
                stripped: bool = False) -> nib.Nifti1Image:

@@ -6,12 +6,8 @@ directory: the second run must reuse Nipype's cache for every node.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,27 +15,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import REPO, run_app, tree_digest
 from synth7t.reference import REF_AFFINE, REF_SHAPE, REF_SPACE, REF_ZOOMS
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-TIMEOUT = 3600
 CONTRASTS = {"01": ("T1w",), "02": ("T1w", "T2w", "FLAIR")}
 PROVENANCE_KEYS = ("Sources", "SkullStripped", "ProcessingSoftwareVersions", "CommandLine",
                    "RandomSeed")
 SYNTH_KEYS = ("MagneticFieldStrength", "SourceMagneticFieldStrength", "SourceFieldBin",
               "SynthesisModel")
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            out[p.relative_to(root).as_posix()] = (
-                hashlib.sha256(p.read_bytes()).hexdigest() + f":{st.st_mtime_ns}")
-    return out
 
 
 def expected_files(label: str) -> list[str]:
@@ -60,31 +45,16 @@ def expected_files(label: str) -> list[str]:
     return files + [f.split(".")[0] + ".json" for f in files]
 
 
-def _app(args, cwd):
-    exe = Path(sys.executable).parent / "synth7t"
-    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "bids_app.run"]
-    env = dict(os.environ, NIPYPE_NO_ET="1", TEMPLATEFLOW_AUTOUPDATE="0")
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=TIMEOUT)
-    proc.seconds = time.monotonic() - t0
-    return proc
-
-
 @pytest.fixture(scope="module")
-def e2e(tmp_path_factory, bids_3t):
-    root = tmp_path_factory.mktemp("e2e")
-    out, work = root / "out", root / "work"
-    rel_bids = os.path.relpath(bids_3t, REPO)  # ../shared/data/bids_3t, as in the docs
-    args = [rel_bids, out, "participant", "-w", work]
-    before = tree_digest(bids_3t)
-    first = _app(args, REPO)
-    results = {p: p.stat().st_mtime_ns for p in work.rglob("result_*.pklz")}
-    outputs = {p: p.stat().st_mtime_ns for p in out.rglob("sub-*/anat/*")}
-    second = _app(args, REPO)
-    return SimpleNamespace(out=out, work=work, first=first, second=second, results=results,
-                           outputs=outputs, bids=bids_3t, before=before,
-                           after=tree_digest(bids_3t))
+def e2e(bids_3t_run):
+    """The session's first run (conftest.bids_3t_run) and a second one with the same work dir."""
+    run = bids_3t_run
+    results = {p: p.stat().st_mtime_ns for p in run.work.rglob("result_*.pklz")}
+    outputs = {p: p.stat().st_mtime_ns for p in run.out.rglob("sub-*/anat/*")}
+    second = run_app(run.args, REPO)
+    return SimpleNamespace(out=run.out, work=run.work, first=run.proc, second=second,
+                           results=results, outputs=outputs, bids=run.bids, before=run.before,
+                           after=tree_digest(run.bids))
 
 
 def _describe(proc) -> str:
