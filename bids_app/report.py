@@ -223,10 +223,14 @@ class _Images:
     def get(self, path, *, mask: bool = False):
         key = (str(path), mask)
         if key not in self._img:
+            from nilearn.image import reorder_img
+
             img = _load3d(Path(path))
             while min(img.header.get_zooms()[:3]) < DISPLAY_MIN_ZOOM and min(img.shape) > 8:
                 img = _halve(img, mask=mask)
-            self._img[key] = img
+            # nilearn plots on an axis-aligned RAS grid and resamples an oblique image for every
+            # row of every figure; doing it once here (linear; nearest for masks) saves ~8 s.
+            self._img[key] = reorder_img(img, resample="nearest" if mask else "linear")
         return self._img[key]
 
 
@@ -255,6 +259,24 @@ def _reference_mask(run_info: dict, scratch: Path) -> tuple[str, str]:
     return str(path), "nilearn MNI152 (ICBM 2009a) brain mask"
 
 
+def _cuts(mask_img) -> dict:
+    """niworkflows' cut placement (``cuts_from_bbox``) over the mask's bounding box.
+
+    ``cuts_from_bbox`` keeps the slices whose masked area exceeds a fraction of the whole slice,
+    so on a whole-head or reference-grid field of view only a few central slices qualify and the
+    seven cuts bunch together; cropped to the mask first, they span the brain.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        from niworkflows.viz.utils import cuts_from_bbox
+
+    occupied = np.argwhere(np.asanyarray(mask_img.dataobj) > 0)
+    if len(occupied):
+        lo, hi = occupied.min(axis=0), occupied.max(axis=0) + 1
+        mask_img = mask_img.slicer[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    return cuts_from_bbox(mask_img, cuts=N_CUTS)
+
+
 def _fig_contour(image, mask, path: Path, *, title: str = "") -> None:
     """A mask's contour (red) over an image: axial, sagittal and coronal rows of 7 cuts.
 
@@ -273,11 +295,11 @@ def _fig_contour(image, mask, path: Path, *, title: str = "") -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PendingDeprecationWarning)
-        from niworkflows.viz.utils import cuts_from_bbox, robust_set_limits
+        from niworkflows.viz.utils import robust_set_limits
 
     data = np.asanyarray(image.dataobj)
     limits = robust_set_limits(data.ravel(), {})
-    cuts = cuts_from_bbox(mask, cuts=N_CUTS)
+    cuts = _cuts(mask)
     fig = plt.figure(figsize=(14, 7.2), facecolor="k")
     for i, axis in enumerate(("z", "x", "y")):
         ax = fig.add_axes([0, 1 - (i + 1) / 3, 1, 1 / 3])
@@ -485,10 +507,6 @@ def _input_section(item: dict, idx: int, participant: str, out_dir: Path, fig_di
     if inp:
         space_mask = paths.get("ref_mask") if paths.get("ref_preproc") else paths.get("mask")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", PendingDeprecationWarning)
-                from niworkflows.viz.utils import cuts_from_bbox
-
             in_img = images.get(inp)
             syn_img = images.get(syn) if syn else None
             if syn_img is not None and syn_img.shape != in_img.shape:
@@ -505,7 +523,7 @@ def _input_section(item: dict, idx: int, participant: str, out_dir: Path, fig_di
             a, b = _window_pair(in_img, syn_img, mask_img)
             bbox = mask_img if mask_img is not None and np.any(np.asanyarray(mask_img.dataobj)) \
                 else a
-            cuts = cuts_from_bbox(bbox, cuts=N_CUTS)
+            cuts = _cuts(bbox)
         except Exception as exc:  # noqa: BLE001
             fig_log.append(f"{title}: mosaics failed: {type(exc).__name__}: {exc}")
             out.append(f'<p class="missing">Mosaics failed ({_esc(exc)})</p>')
