@@ -12,10 +12,6 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
-# Nipype workers inherit this; ITK reads it once per process, so a resampling node that is the
-# first ITK user of a worker cannot leave a later registration there multithreaded (and hence
-# not reproducible). See workflows.interfaces.ANTS_NTHREADS.
-os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
 
 import datetime as _dt  # noqa: E402
 import json  # noqa: E402
@@ -440,8 +436,14 @@ def _run_graph(items, models, opts, plugin, provenance, log_dir: Path, t_start: 
     """Build and run the Nipype graph; return (progress, crashed nodes per subject, error)."""
     from nipype import config as ncfg
 
+    from synth7t.preprocess import THREADS_ENV
     from workflows.base import init_synth7t_wf, subject_wf_name, workflow_name
+    from workflows.interfaces import ANTS_NTHREADS
 
+    # Nipype workers (and SLURM jobs) inherit this. ITK reads it once per process, so a worker
+    # whose first ITK use is a resampling node must not be left multithreaded for a later
+    # registration (not reproducible); the ANTs nodes themselves ask for ANTS_NTHREADS too.
+    os.environ[THREADS_ENV] = str(ANTS_NTHREADS)
     ncfg.update_config({
         "execution": {
             "crashfile_format": "txt",

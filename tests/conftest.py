@@ -57,15 +57,18 @@ def tree_digest(root: Path) -> dict[str, str]:
     return out
 
 
-def run_app(args, cwd):
-    """Run the installed ``synth7t`` command; the result carries ``seconds``."""
+def run_app(args, cwd, *, env: dict | None = None):
+    """Run the installed ``synth7t`` command; the result carries ``seconds``.
+
+    ``env`` adds to (or overrides) this process's environment.
+    """
     import subprocess
     import sys
     import time
 
     exe = Path(sys.executable).parent / "synth7t"
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "bids_app.run"]
-    env = dict(os.environ, NIPYPE_NO_ET="1", TEMPLATEFLOW_AUTOUPDATE="0")
+    env = dict(os.environ, NIPYPE_NO_ET="1", TEMPLATEFLOW_AUTOUPDATE="0", **(env or {}))
     t0 = time.monotonic()
     proc = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=APP_TIMEOUT)

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import run_app
+
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.skipif(shutil.which("sinfo") is None,
@@ -153,14 +155,13 @@ def _write_plugin(path: Path, spec: dict) -> Path:
     return path
 
 
-def _run_app(out: Path, work: Path, plugin: str | None, env: dict, *extra: str):
-    exe = str(Path(sys.executable).parent / "synth7t")
-    cmd = [exe, str(BIDS), str(out), "participant", "--participant-label", "02",
-           "-w", str(work), "--nprocs", "2", "--random-seed", "0", "--notrack", *extra]
+def _run_app(out: Path, work: Path, plugin: str | None, *extra: str):
+    """The App on sub-02 (``LOGNAME`` set: the SLURM plugins name the jobs' user with it)."""
+    args = [BIDS, out, "participant", "--participant-label", "02", "-w", work, "--nprocs", "2",
+            "--random-seed", "0", "--notrack", *extra]
     if plugin:
-        cmd += ["--use-plugin", plugin]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    return proc
+        args += ["--use-plugin", plugin]
+    return run_app(args, REPO, env={"LOGNAME": os.environ.get("LOGNAME") or "root"})
 
 
 def _synthetic(out: Path) -> dict[str, np.ndarray]:
@@ -188,7 +189,6 @@ def app_runs(tmp_path_factory, bids_3t_run):
     if not _app_available():
         pytest.skip("the synth7t BIDS App (bids_app.run) is not installed yet")
     root = tmp_path_factory.mktemp("slurm_app")
-    env = dict(os.environ, LOGNAME=os.environ.get("LOGNAME") or "root", NIPYPE_NO_ET="1")
     runs = {"MultiProc": dict(out=bids_3t_run.out, work=bids_3t_run.work, plugin=None,
                               proc=bids_3t_run.proc, seconds=bids_3t_run.proc.seconds)}
     omp = str(_reference_omp_nthreads(bids_3t_run.out)) if bids_3t_run.proc.returncode == 0 else "1"
@@ -196,7 +196,7 @@ def app_runs(tmp_path_factory, bids_3t_run):
         plugin = _write_plugin(root / f"{name}.yml", spec)
         out, work = root / f"out_{name}", root / f"work_{name}"
         t0 = time.time()
-        proc = _run_app(out, work, str(plugin), env, "--omp-nthreads", omp)
+        proc = _run_app(out, work, str(plugin), "--omp-nthreads", omp)
         runs[name] = dict(out=out, work=work, plugin=plugin, proc=proc,
                           seconds=time.time() - t0)
         print(f"{name}: exit {proc.returncode} in {runs[name]['seconds']:.0f} s")
@@ -245,10 +245,6 @@ def _model_dir(root: Path, *, contrast: str, params: bytes | None = None,
     return folder
 
 
-def _env() -> dict:
-    return dict(os.environ, LOGNAME=os.environ.get("LOGNAME") or "root", NIPYPE_NO_ET="1")
-
-
 @needs_app
 @pytest.mark.parametrize("plugin", ["SLURM", "SLURMGraph"])
 def test_app_failing_node_under_slurm_exits_nonzero_naming_it(app_runs, plugin, tmp_path):
@@ -257,7 +253,7 @@ def test_app_failing_node_under_slurm_exits_nonzero_naming_it(app_runs, plugin, 
     run = app_runs[plugin]
     bad = _model_dir(tmp_path, contrast="T1w", params=b'{"note": "no tissue tables"}\n')
     # reuse the plugin's work dir: preprocessing is cached, only synthesis runs (and T1w fails)
-    proc = _run_app(tmp_path / "out", run["work"], str(run["plugin"]), _env(),
+    proc = _run_app(tmp_path / "out", run["work"], str(run["plugin"]),
                     "--model-dir", str(bad))
     text = proc.stdout + proc.stderr
     assert proc.returncode == 1, text[-3000:]
@@ -277,7 +273,7 @@ def test_app_wrong_sha256_refused_before_any_job(tmp_path):
     bad = _model_dir(tmp_path, contrast="T1w", sha256="0" * 64)
     spec = _write_plugin(tmp_path / "slurmgraph.yml", PLUGINS["SLURMGraph"])
     work = tmp_path / "work"
-    proc = _run_app(tmp_path / "out", work, str(spec), _env(), "--model-dir", str(bad))
+    proc = _run_app(tmp_path / "out", work, str(spec), "--model-dir", str(bad))
     text = proc.stdout + proc.stderr
     assert proc.returncode == 65, text[-3000:]
     assert "SHA-256" in text, text[-3000:]
