@@ -12,7 +12,7 @@ from synth7t.fields import CONTRASTS
 
 from .exitcodes import EX_BAD_ANALYSIS_LEVEL, EX_USAGE, Synth7tExit
 
-ANALYSIS_LEVELS = ("participant",)
+ANALYSIS_LEVELS = ("participant", "group")
 SKULL_STRIP_MODES = ("auto", "force", "skip")
 DEVICES = ("auto", "cpu", "cuda")
 OUTPUT_DTYPES = ("uint16", "int16", "float32")
@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("bids_dir", type=Path, help="root folder of a valid BIDS dataset")
     parser.add_argument("output_dir", type=Path, help="output folder (BIDS-Derivatives)")
     # No ``choices`` here: a bad analysis level must exit with 17, not as a usage error.
-    parser.add_argument("analysis_level", help="processing stage: only 'participant' exists")
+    parser.add_argument("analysis_level",
+                        help="'participant': process participants (one job each on a cluster); "
+                             "'group': study table group_qc.tsv and page group.html from what "
+                             "the participant runs left (nothing is recomputed)")
     parser.add_argument("--version", action="version", version=f"synth7t v{__version__}")
 
     g_bids = parser.add_argument_group("Options for filtering BIDS queries")

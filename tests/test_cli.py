@@ -98,8 +98,9 @@ def test_version(capsys):
 
 
 def test_bad_analysis_level(capsys, bids_two_subjects, tmp_path):
-    code, text = _run(capsys, bids_two_subjects, tmp_path / "out", "group")
-    assert code == EX_BAD_ANALYSIS_LEVEL and "group" in text and "participant" in text
+    code, text = _run(capsys, bids_two_subjects, tmp_path / "out", "session")
+    assert code == EX_BAD_ANALYSIS_LEVEL and "session" in text and "participant" in text
+    assert "group" in text
     assert not (tmp_path / "out").exists()
 
 
@@ -137,11 +138,15 @@ def test_missing_dataset(capsys, tmp_path):
 
 
 def test_bids_error_exit_16_and_skip(capsys, tiny_bids, tmp_path, graph_stub):
+    """A dataset-level validation error stops the run before anything is written.
+
+    (Errors in one participant's files refuse only that participant: tests/test_group.py.)
+    """
     root = tiny_bids({"01": {"T1w": 3}})
-    (root / "sub-01" / "anat" / "sub-01_notbids.json").write_text("{}")
+    (root / "notbids.json").write_text("{}")
     code, text = _run(capsys, root, tmp_path / "out", "participant", "-w", tmp_path / "w")
     assert code == EX_BIDS_INVALID
-    assert "sub-01_notbids.json" in text and "NOT_INCLUDED" in text  # the validator's words
+    assert "notbids.json" in text and "NOT_INCLUDED" in text  # the validator's words
     assert not graph_stub and not (tmp_path / "out").exists()
     code, text = _run(capsys, root, tmp_path / "out", "participant", "-w", tmp_path / "w",
                       "--skip-bids-validation")
