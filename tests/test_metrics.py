@@ -95,24 +95,55 @@ def test_lpips_absent_and_present(tmp_path, monkeypatch):
     assert model(a, b) > 0
 
 
-def _save(arr, path, affine=None):
+def _save(arr, path, affine=None, *, axcodes: str = "RAS"):
+    """Save ``arr`` (RAS voxel order); ``axcodes`` stores it on disk in another voxel order
+    (same world positions, e.g. ``"LPS"`` flips two axes, ``"PIL"`` also permutes them)."""
+    from nibabel.orientations import axcodes2ornt, ornt_transform
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.Nifti1Image(arr.astype(np.float32), np.diag([0.5, 0.5, 0.5, 1]) if affine is None
-                    else affine).to_filename(str(path))
+    img = nib.Nifti1Image(arr.astype(np.float32), np.diag([0.5, 0.5, 0.5, 1]) if affine is None
+                          else affine)
+    if axcodes != "RAS":
+        img = img.as_reoriented(ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(tuple(axcodes))))
+        assert nib.aff2axcodes(img.affine) == tuple(axcodes)
+    img.to_filename(str(path))
+
+
+def _reference_scores(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """nRMSE and SSIM by the challenge definitions, from numpy and skimage only (no synth7t):
+    ``||p - g|| / ||g||`` in float64; mean over axial slices (axis 2) of skimage SSIM with the
+    whole volume's ground-truth range, constant ground-truth slices skipped."""
+    p, g = pred.astype(np.float64), gt.astype(np.float64)
+    nrmse = float(np.sqrt(np.sum((p - g) ** 2)) / np.sqrt(np.sum(g ** 2)))
+    dr = float(g.max() - g.min())
+    ssim = float(np.mean([structural_similarity(p[:, :, k], g[:, :, k], data_range=dr)
+                          for k in range(g.shape[2]) if np.ptp(g[:, :, k]) > 0]))
+    return nrmse, ssim
+
+
+#: Cases whose ground truth (or prediction) is stored in a non-RAS voxel order on disk: the
+#: scorer must bring both to the closest canonical (RAS) orientation before comparing voxels.
+GT_AXCODES = {("T1W", "3T", "0002"): "LPS", ("T2W", "0.1T", "0001"): "PIL"}
+PRED_AXCODES = {("T2W", "3T", "0002"): "SLA"}
 
 
 def test_cli_writes_csv_and_json(tmp_path, capsys):
     pred, gt = tmp_path / "pred", tmp_path / "gt"
     rng = np.random.default_rng(0)
-    expected = set()
+    expected = {}
     for mod in ("T1W", "T2W"):
         for src in ("0.1T", "3T"):
             for cid in ("0001", "0002"):
                 truth = _phantom(seed=int(cid))
+                truth[3:11, 5:13, 4:9] = 0.8  # off-centre block: a flip or transpose shows
                 noisy = np.clip(truth + rng.normal(0, 0.05, truth.shape) * (truth > 0), 0, 1)
-                _save(noisy, pred / mod / f"{src}_to_7T" / "pred" / f"P_{mod}_7T_{cid}.nii.gz")
-                _save(truth, gt / mod / f"{src}_to_7T" / "gt" / f"P_{mod}_7T_{cid}.nii.gz")
-                expected.add((mod, src, cid))
+                key = (mod, src, cid)
+                _save(noisy, pred / mod / f"{src}_to_7T" / "pred" / f"P_{mod}_7T_{cid}.nii.gz",
+                      axcodes=PRED_AXCODES.get(key, "RAS"))
+                _save(truth, gt / mod / f"{src}_to_7T" / "gt" / f"P_{mod}_7T_{cid}.nii.gz",
+                      axcodes=GT_AXCODES.get(key, "RAS"))
+                # what was written (float32), in RAS voxel order
+                expected[key] = _reference_scores(noisy.astype(np.float32), truth)
     # an extra prediction without ground truth is reported, not scored
     _save(_phantom(), pred / "T1W" / "5T_to_7T" / "pred" / "P_T1W_7T_0009.nii.gz")
     out = tmp_path / "out"
@@ -123,14 +154,17 @@ def test_cli_writes_csv_and_json(tmp_path, capsys):
     assert "P_T1W_7T_0009" in text.err
     with open(out / "per_case.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert {(r["modality"], r["source_field"], r["case"]) for r in rows} == expected
+    assert {(r["modality"], r["source_field"], r["case"]) for r in rows} == set(expected)
     for r in rows:
+        key = (r["modality"], r["source_field"], r["case"])
+        assert r["error"] == "", (key, r["error"])
         assert 0 < float(r["nrmse"]) < 0.5 and 0 < float(r["ssim"]) < 1
         assert r["lpips"] == "" and float(r["dice_mean"]) > 0.5
-        # each row's value equals a direct computation on that pair
-    r0 = rows[0]
-    p0, g0 = M.load_volume(r0["pred"]), M.load_volume(r0["gt"])
-    assert abs(float(r0["nrmse"]) - M.nrmse(p0, g0)) < 1e-12
+        # every row equals an independent numpy/skimage computation on that pair's arrays
+        # (non-RAS files included: scored in the same world positions as the RAS ones)
+        want_nrmse, want_ssim = expected[key]
+        assert abs(float(r["nrmse"]) - want_nrmse) < 1e-9, (key, r["nrmse"], want_nrmse)
+        assert abs(float(r["ssim"]) - want_ssim) < 1e-9, (key, r["ssim"], want_ssim)
     with open(out / "summary.csv") as fh:
         summ = list(csv.DictReader(fh))
     keys = {(s["modality"], s["source_field"]) for s in summ}
