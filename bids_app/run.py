@@ -283,6 +283,7 @@ def describe_run(st: RunState, config_file: Path) -> tuple[dict, dict]:
 
 def write_participant_records(st: RunState, run_common: dict) -> None:
     """Per participant: run record (with QC values) under logs/sub-<label>/, HTML report."""
+    from .group import write_thumbnails
     from .qc import add_qc
     from .records import build_run_info, write_run_record
 
@@ -294,6 +295,7 @@ def write_participant_records(st: RunState, run_common: dict) -> None:
         add_qc(st.opts.output_dir, info)
         write_run_record(st.log_dir, info)
         _report(st.opts.output_dir, subject, info)
+        write_thumbnails(st.opts.output_dir, info)
 
 
 def st_subjects(st: RunState) -> list[str]:
