@@ -2,17 +2,26 @@
 # companion commands on PATH. Weights, model cards and the TemplateFlow-layout reference templates
 # are package data, so they are baked in: the image needs no network at run time.
 #
-# Build (CPU, the default):
+# Build with scripts/build_image.sh (podman or docker, whichever is present; tested in CI with
+# podman): it picks the base (python:3.11-slim-bookworm where a registry answers, else a Debian
+# bookworm base it bootstraps with mmdebstrap), passes the host's pip CA bundle and find-links
+# folder to pip (podman), and can build the GPU variant or save a docker-archive tarball:
+#   scripts/build_image.sh                      # -> synth7t:0.1.0 (CPU)
+#   scripts/build_image.sh --gpu                # -> synth7t:0.1.0-cuda
+#   scripts/build_image.sh save                 # + synth7t-0.1.0.tar (docker-archive)
+# By hand (CPU, a registry reachable):
 #   docker build -t synth7t:0.1.0 .
 # torch is pinned (scripts/install.sh, TORCH_SPEC); TORCH_INDEX_URL is an extra pip index from which
 # the wheel of the right flavour comes (PyPI's own Linux torch wheel is the multi-GB CUDA build).
+# Without that index, a CPU torch wheel in a find-links folder (PIP_FIND_LINKS) does the same.
 # Build on a CUDA base (a CUDA torch wheel, e.g. PyPI's own: empty TORCH_INDEX_URL):
 #   docker build -t synth7t:0.1.0-cuda \
 #       --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
 #       --build-arg TORCH_INDEX_URL= .
 #
 # MRIxFields2026 Task 1 (the challenge contract: /input read-only with manifest.json, /output
-# writable, no network). The platform runs it exactly like this:
+# writable, no network). The platform runs it like this (tests/test_image.py runs it so, with
+# podman, plus --read-only --tmpfs /tmp):
 #   docker run --rm --network none \
 #       -v /path/to/task1_input:/input:ro -v /path/to/task1_output:/output \
 #       -e INPUT_DIR=/input -e OUTPUT_DIR=/output -e MANIFEST=/input/manifest.json -e TASK_ID=task1 \
@@ -36,31 +45,48 @@ FROM ${BASE_IMAGE}
 
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# pip settings for the build only (not kept in the image): a CA bundle and find-links folder(s)
+# as seen inside the build (scripts/build_image.sh mounts the host's read-only and sets these).
+ARG PIP_CERT=
+ARG PIP_FIND_LINKS=
 ARG SYNTH7T_UID=1000
 ENV DEBIAN_FRONTEND=noninteractive \
-    PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# A CUDA (Ubuntu) base has no Python of its own; python:3.11-slim already does.
+# A CUDA (Ubuntu) base has no Python of its own; python:3.11-slim already does, and so does the
+# bootstrapped base (its packages are all present, so apt is not even asked).
 RUN set -eux; \
+    need=""; \
     if ! command -v python3 >/dev/null || ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
-        apt-get update; \
-        apt-get install -y --no-install-recommends python3 python3-venv python3-pip; \
+        need="python3 python3-venv python3-pip"; \
     fi; \
-    apt-get update; \
-    apt-get install -y --no-install-recommends libgomp1 ca-certificates; \
-    rm -rf /var/lib/apt/lists/*
+    for p in libgomp1 ca-certificates; do dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"; done; \
+    command -v useradd >/dev/null || need="$need passwd"; \
+    if [ -n "$need" ]; then \
+        apt-get update; \
+        apt-get install -y --no-install-recommends $need; \
+    fi; \
+    apt-get clean; \
+    rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
+
+WORKDIR /opt/synth7t
+# The models first, verified (SHA-256, standard library only) before the slow install: a modified
+# or corrupted weight file fails the build here, in seconds.
+COPY scripts/ ./scripts/
+COPY synth7t/models/ ./synth7t/models/
+RUN python3 scripts/verify_models.py synth7t/models
 
 # Only what the install needs (see .dockerignore): package sources, package data, install script.
-WORKDIR /opt/synth7t
 COPY setup.cfg pyproject.toml README.md ./
-COPY scripts/ ./scripts/
 COPY synth7t/ ./synth7t/
 COPY workflows/ ./workflows/
 COPY bids_app/ ./bids_app/
 
-# The one install path (torch first, pinned), into a venv.
-RUN set -eux; \
+# The one install path (torch first, pinned), into a venv. pip's cache lives in a build cache
+# mount (reused by the next build, never part of the image).
+RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked set -eux; \
+    [ -n "${PIP_CERT}" ] || unset PIP_CERT; \
+    [ -n "${PIP_FIND_LINKS}" ] || unset PIP_FIND_LINKS; \
     if [ -n "${TORCH_INDEX_URL}" ]; then export PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL}"; fi; \
     TORCH_SPEC="${TORCH_SPEC}" PYTHON=python3 bash scripts/install.sh /opt/venv; \
     /opt/venv/bin/python -m compileall -q /opt/synth7t; \
@@ -68,6 +94,7 @@ RUN set -eux; \
     chmod -R a+rX /opt/synth7t /opt/venv
 
 ENV PATH=/opt/venv/bin:${PATH} \
+    PIP_NO_CACHE_DIR=1 \
     TEMPLATEFLOW_HOME=/opt/synth7t/synth7t/data/templateflow \
     TEMPLATEFLOW_AUTOUPDATE=0 \
     NIPYPE_NO_ET=1 \

@@ -1,8 +1,12 @@
-"""Container recipes: what can be checked without building an image (no registry here).
+"""Container recipes: what can be checked without building an image (seconds).
+
+The image itself is built and run in tests/test_image.py (podman). Here:
 
 * Singularity.def has the required header and sections, runs the BIDS App, self-tests, documents
   an ``apptainer run --cleanenv -B`` example and copies only files that exist.
 * Dockerfile, Singularity.def and .ci/run all install through scripts/install.sh (the one path).
+* The Dockerfile verifies the model SHA-256s before the install; scripts/build_image.sh is valid
+  shell, and no recipe names a path of the build machine.
 """
 from __future__ import annotations
 
@@ -169,3 +173,32 @@ def test_ci_run_installs_through_install_sh():
     for t in targets:
         assert _make_target_installs(rules, t), (
             f".ci/run runs `make {t}`, which does not reach scripts/install.sh")
+
+
+def test_dockerfile_verifies_models_before_the_install():
+    text = (REPO / "Dockerfile").read_text()
+    verify = re.search(r"^RUN python3 scripts/verify_models\.py", text, re.M)
+    install = re.search(r"^RUN\b.*\n(?:.*\\\n)*.*scripts/install\.sh", text, re.M)
+    assert verify and install and verify.start() < install.start()
+    for arg in ("PIP_CERT", "PIP_FIND_LINKS", "TORCH_INDEX_URL", "BASE_IMAGE"):
+        assert re.search(rf"^ARG {arg}=", text, re.M), arg
+    sdef = (REPO / "Singularity.def").read_text()
+    assert "scripts/verify_models.py" in parse_def(sdef)[1]["post"]
+
+
+def test_build_script_is_valid_shell_and_documents_its_options():
+    script = REPO / "scripts" / "build_image.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    proc = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for opt in ("--engine", "--base", "--gpu", "--tag", "--context", "save"):
+        assert opt in proc.stdout, opt
+
+
+def test_no_machine_paths_in_the_recipes():
+    """The host's pip settings are read at build time, never written into the repository."""
+    for name in ("Dockerfile", "Singularity.def", ".dockerignore", "scripts/build_image.sh",
+                 ".ci/run", "scripts/install.sh"):
+        text = (REPO / name).read_text()
+        for path in ("/opt/wheels", "/etc/ssl/certs", "/etc/xdg/pip", "/work/", "/root/.config"):
+            assert path not in text, f"{name} names the machine path {path}"
