@@ -362,3 +362,25 @@ def from_t1w(path: str | Path, *, mask: str | Path | None = None, register: bool
     anat = Anatomy(fractions, tex, affine, name=f"t1w:{Path(path).name}",
                    meta={"source": str(path), "registered": register})
     return add_deep_nuclei(anat) if deep_nuclei else anat
+
+
+# --- storage ---------------------------------------------------------------------------------------
+
+def save_anatomy(anat: Anatomy, path: str | Path) -> Path:
+    """Write an anatomy as one compressed ``.npz`` (fractions as float16 to keep it small)."""
+    path = Path(path)
+    arrays = {f"fraction_{k}": v.astype(np.float16) for k, v in anat.fractions.items()}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, texture=anat.texture.astype(np.float16), affine=anat.affine,
+                        name=np.array(anat.name), **arrays)
+    tmp.replace(path)
+    return path
+
+
+def load_anatomy(path: str | Path) -> Anatomy:
+    """Read an anatomy written by :func:`save_anatomy`."""
+    with np.load(str(path), allow_pickle=False) as z:
+        fractions = {k[len("fraction_"):]: z[k].astype(np.float32)
+                     for k in z.files if k.startswith("fraction_")}
+        return Anatomy(fractions, z["texture"].astype(np.float32), z["affine"],
+                       name=str(z["name"]), meta={"source": str(path)})

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
 from .baseline import TISSUES, kmeans_1d, table_params, write_params
-from .fields import CONTRASTS, SUPPORTED_BINS
+from .fields import CONTRASTS, SUPPORTED_BINS, bin_label
+from .inference import save_unet
+from .networks import UNet25D, UNetConfig, count_parameters
 from .registry import MODELS_DIR, REGISTRY_FILE, SCHEMA, sha256_file
 
 BASELINE_PARAMS = "baseline_params.json"
@@ -190,8 +194,6 @@ def export_from_run(run_dir: str | Path, folder: Path = MODELS_DIR, *, version: 
     ``run_dir/SOURCE_COMMIT`` when present) and, with ``quality_json``, the Colin27 table of
     ``benchmarks/bench_quality.py --json``. Keeps every other registry entry (the baselines).
     """
-    from .train import _curve_steps, export_model
-
     run_dir = Path(run_dir)
     state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
     best = state.get("best") or {}
@@ -208,7 +210,7 @@ def export_from_run(run_dir: str | Path, folder: Path = MODELS_DIR, *, version: 
                        "slices in; residual on the centre slice, clamped to [0, 1])",
         "TrainingData": "; ".join(state["config"].get("data", [])),
         "Recipe": state["config"],
-        "Loss": "L1 + (1 - SSIM), 7x7 uniform window",
+        "Loss": _loss_text(_Cfg(state["config"])),
         "Steps": state["step"],
         "ExportedCheckpoint": weights,
         "BestStep": best.get("step"),
@@ -223,6 +225,102 @@ def export_from_run(run_dir: str | Path, folder: Path = MODELS_DIR, *, version: 
     }
     return export_model(run_dir / "checkpoints" / f"{weights}.safetensors", folder, name=name,
                         version=version, card=card, merge=True)
+
+
+def export_model(weights: str | Path | UNet25D, out_dir: str | Path, *, name: str = "default",
+                 version: str = "1.0.0", pairs: Iterable[tuple[str, float]] | None = None,
+                 card: dict | None = None, file_name: str = "model.safetensors",
+                 card_name: str = "model_card.json", merge: bool = False) -> dict:
+    """Write ``model.safetensors``, ``model_card.json`` and ``registry.json`` into ``out_dir``.
+
+    Parameters
+    ----------
+    weights
+        A network or a safetensors checkpoint (e.g. ``checkpoints/best.safetensors``).
+    pairs
+        (contrast, field bin) pairs to register; all 12 by default.
+    card
+        Model-card fields (recipe, data, metrics, wall time...); SHA-256 and architecture are
+        filled in here.
+    merge
+        Keep other entries already in ``out_dir/registry.json`` (used for ``synth7t/models``).
+    """
+    from safetensors.torch import load_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(weights, UNet25D):
+        net = weights
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as fh:
+            cfg = UNetConfig.from_json(fh.metadata()["config"])
+        net = UNet25D(cfg)
+        net.load_state_dict(load_file(str(weights)))
+    path = out_dir / file_name
+    sha = save_unet(net, path, extra_metadata={"name": name, "version": version})
+    pairs = list(pairs) if pairs is not None else [(c, b) for c in CONTRASTS for b in SUPPORTED_BINS]
+    full_card = {"Name": name, "Kind": "unet", "Version": version,
+                 "Architecture": {"class": "synth7t.networks.UNet25D",
+                                  "config": json.loads(net.config.to_json()),
+                                  "parameters": count_parameters(net)},
+                 "Pairs": [f"{c}@{bin_label(b)}" for c, b in pairs]}
+    full_card.update(card or {})
+    full_card["SHA256"] = sha
+    full_card["File"] = file_name
+    full_card["SizeBytes"] = path.stat().st_size
+    (out_dir / card_name).write_text(json.dumps(full_card, indent=1, default=float) + "\n")
+    entries = [{"name": name, "kind": "unet", "contrast": c, "field_bin": float(b),
+                "version": version, "file": file_name, "sha256": sha, "card": card_name}
+               for c, b in pairs]
+    old = read_registry(out_dir) if merge else []
+    write_registry(out_dir, merge_entries(old, entries))
+    return full_card
+
+
+def default_card(trainer, *, data: list[str], notes: list[str] | None = None) -> dict:
+    """Model-card fields of a finished run."""
+    best = trainer.best or {}
+    hist = trainer.history
+    return {
+        "Description": "conditioned 2.5D U-Net (one network for all (contrast, field) pairs, FiLM "
+                       "conditioning on field bin and contrast, residual on the centre slice)",
+        "TrainingData": "; ".join(data),
+        "Recipe": asdict(trainer.cfg),
+        "Loss": _loss_text(trainer.cfg),
+        "Steps": trainer.step,
+        "BestStep": best.get("step"),
+        "WallTimeSeconds": round(trainer.wall, 1),
+        "LossCurve": [h for h in hist if h["step"] in _curve_steps(hist)],
+        "ValidationHistory": trainer.val_history,
+        "Metrics": {"held_out_simulated": best.get("metrics", {})},
+        "Notes": notes or [],
+    }
+
+
+def _curve_steps(hist: list[dict], n: int = 20) -> set[int]:
+    if not hist:
+        return set()
+    idx = np.unique(np.linspace(0, len(hist) - 1, n).astype(int))
+    return {hist[i]["step"] for i in idx}
+
+
+def _loss_text(cfg) -> str:
+    text = "L1 + (1 - SSIM), 7x7 uniform window"
+    if getattr(cfg, "uncertainty", False):
+        text += (f" + {cfg.unc_weight:g} x Laplace NLL of the target given the detached "
+                 "prediction and the predicted scale b (uncertainty head)")
+    if getattr(cfg, "ema_decay", 0):
+        text += f"; exported weights: EMA (decay {cfg.ema_decay:g})"
+    return text
+
+
+class _Cfg:
+    """Attribute view of a run's recorded config (for :func:`_loss_text`)."""
+
+    def __init__(self, d: dict) -> None:
+        self.__dict__.update(d)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,8 @@ from .fields import CONTRASTS, SUPPORTED_BINS
 
 #: Size of the conditioning vector: one-hot field bin + one-hot contrast.
 N_COND = len(SUPPORTED_BINS) + len(CONTRASTS)
+#: Bounds and start of the uncertainty head's log-scale (b from 1e-4 to 0.5 intensity units).
+UNC_LOG_B_MIN, UNC_LOG_B_MAX, UNC_INIT_LOG_B = -9.2, -0.7, -4.0
 
 
 def condition_vector(contrast: str, field_bin: float) -> torch.Tensor:
@@ -62,6 +64,8 @@ class UNetConfig:
     base: int = 16
     levels: int = 4
     n_cond: int = N_COND
+    #: A second output channel: per-voxel expected absolute error (Laplace scale ``b``).
+    uncertainty: bool = False
 
     @property
     def in_channels(self) -> int:
@@ -114,6 +118,11 @@ class UNet25D(nn.Module):
     ``forward(x, cond)``: ``x`` is ``(B, in_channels, H, W)`` with the ``n_slices`` source slices
     first (centre slice at index ``n_slices // 2``), ``cond`` is ``(B, N_COND)``. ``H`` and ``W``
     must be multiples of ``2 ** (levels - 1)``. Output ``(B, 1, H, W)`` in [0, 1].
+
+    With ``config.uncertainty`` a second head predicts, per voxel, the scale ``b`` of a Laplace
+    distribution of the target around the prediction, i.e. the expected absolute error in the
+    image's [0, 1] units (trained with the Laplace negative log-likelihood, see
+    :func:`synth7t.train.laplace_nll`); :meth:`forward_with_uncertainty` returns both.
     """
 
     def __init__(self, config: UNetConfig | None = None) -> None:
@@ -136,8 +145,32 @@ class UNet25D(nn.Module):
         # A zero head makes the untrained network the identity map (copy-input), a sane start.
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        if c.uncertainty:
+            # its own small conv so the error estimate can use local context (edges, texture)
+            self.unc_head = nn.Sequential(nn.Conv2d(cin, cin, 3, padding=1), nn.LeakyReLU(0.1),
+                                          nn.Conv2d(cin, 1, 1))
+            nn.init.zeros_(self.unc_head[2].weight)
+            nn.init.constant_(self.unc_head[2].bias, UNC_INIT_LOG_B)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self._run(x, cond)[0]
+
+    def forward_with_uncertainty(self, x: torch.Tensor,
+                                 cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prediction, b)``: ``b`` (B, 1, H, W) > 0 is the expected absolute error.
+
+        Raises
+        ------
+        ValueError
+            If the network was built without the uncertainty head.
+        """
+        if not self.config.uncertainty:
+            raise ValueError("this network has no uncertainty head (config.uncertainty=False)")
+        pred, feats = self._run(x, cond)
+        log_b = torch.clamp(self.unc_head(feats), UNC_LOG_B_MIN, UNC_LOG_B_MAX)
+        return pred, torch.exp(log_b)
+
+    def _run(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         centre = x[:, self.config.n_slices // 2: self.config.n_slices // 2 + 1]
         skips = []
         h = x
@@ -150,7 +183,7 @@ class UNet25D(nn.Module):
         for upconv, block in zip(self.upconv, self.up):
             h = upconv(h)
             h = block(torch.cat([h, skips.pop()], dim=1), cond)
-        return torch.clamp(centre + self.head(h), 0.0, 1.0)
+        return torch.clamp(centre + self.head(h), 0.0, 1.0), h
 
 
 class _ResnetBlock(nn.Module):

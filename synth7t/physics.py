@@ -162,10 +162,92 @@ class Physics:
             raise KeyError(f"unknown tissue {tissue!r}; known: {', '.join(self.tissues)}")
         if field <= 0:
             raise ValueError(f"field must be > 0 T, got {field}")
-        return Relaxation(PD=float(self.table["tissues"][tissue]["PD"]["value"]),
-                          T1=self._time(tissue, "T1", field),
-                          T2=self._time(tissue, "T2", field),
-                          T2star=self._time(tissue, "T2star", field))
+        pd, t1, t2 = self.scales.get(tissue, (1.0, 1.0, 1.0))
+        return Relaxation(PD=pd * float(self.table["tissues"][tissue]["PD"]["value"]),
+                          T1=t1 * self._time(tissue, "T1", field),
+                          T2=t2 * self._time(tissue, "T2", field),
+                          T2star=t2 * self._time(tissue, "T2star", field))
+
+    def tse_factor(self, tissue: str, protocol: dict[str, Any]) -> float:
+        """Myelin-water and incidental-MT factor of a TSE/FLAIR signal (1 for GRE/MPRAGE).
+
+        ``(1 - MWF) (1 - a_readout F)`` from the table's ``tse_signal_modifiers`` block: the
+        short-T2 myelin water has decayed at TSE echo times, and the refocusing train saturates
+        the macromolecular pool (larger in WM), which makes GM brighter than WM in FLAIR.
+        """
+        mod = self.table.get("tse_signal_modifiers")
+        if not mod or protocol.get("sequence") not in ("spin_echo", "inversion_recovery"):
+            return 1.0
+        mwf = float(mod["myelin_water_fraction"].get(tissue, 0.0))
+        pool = float(mod["pool_size_ratio_F"].get(tissue, 0.0))
+        per_f = float(mod["attenuation_per_F"][protocol.get("readout", "2D_TSE")]["value"])
+        return (1.0 - mwf) * max(0.0, 1.0 - per_f * pool)
+
+    # per-subject variation and training ranges --------------------------------------------------
+    @property
+    def scales(self) -> dict[str, tuple[float, float, float]]:
+        """Per-tissue (PD, T1, T2) multipliers of one simulated subject (empty: the table)."""
+        return getattr(self, "_scales", {})
+
+    def jittered(self, rng: np.random.Generator, amount: float | None = None) -> "Physics":
+        """A copy whose tissues' PD, T1 and T2 are scaled by ``U(1 - a, 1 + a)`` (one subject).
+
+        ``amount`` defaults to the table's ``training_widening.relaxation_jitter`` (PD gets half).
+        """
+        a = float(amount if amount is not None
+                  else self.table["training_widening"]["relaxation_jitter"]["value"])
+        out = Physics(self.table)
+        out._scales = {t: (float(rng.uniform(1 - a / 2, 1 + a / 2)),
+                           float(rng.uniform(1 - a, 1 + a)), float(rng.uniform(1 - a, 1 + a)))
+                       for t in self.tissues}
+        return out
+
+    def widened(self, scale: float = 1.0) -> "Physics":
+        """The table with the training ranges of ``training_widening`` applied.
+
+        ``scale`` multiplies each widening's excess over 1 (``scale=1``: the training ranges;
+        e.g. ``scale=1.2`` goes 20 % further, for robustness tests; ``0``: the table itself).
+        """
+        import copy
+
+        tab = copy.deepcopy(self.table)
+        w = tab["training_widening"]
+
+        def stretch(lo: float, hi: float, factor: float) -> list[float]:
+            c, h = 0.5 * (lo + hi), 0.5 * (hi - lo) * (1 + scale * (factor - 1))
+            return [max(c - h, 1e-3), c + h]
+
+        for contrast, per_field in tab["protocols"].items():
+            if contrast.startswith("_"):
+                continue
+            for spec in per_field.values():
+                for key in ("TR_ms", "TE_ms", "TI_ms", "FA_deg"):
+                    par = spec.get(key)
+                    if not isinstance(par, dict) or "range" not in par:
+                        continue
+                    inv = spec["sequence"] in ("mprage", "inversion_recovery") and key in ("TI_ms", "TR_ms")
+                    f = w["inversion_factor" if inv else "protocol_factor"]["value"]
+                    par["range"] = stretch(*par["range"], f)
+        lo_f, hi_f = w["snr"]["value"]
+        for key, spec in tab["snr_wm"].items():
+            if key.startswith("_") or key == "7":
+                continue
+            lo, hi = spec["range"]
+            spec["range"] = [lo * (1 - scale * (1 - lo_f)), hi * (1 + scale * (hi_f - 1))]
+        vlo, vhi = w["voxel"]["value"]
+        for contrast, per_field in tab["resolution"].items():
+            if contrast.startswith("_"):
+                continue
+            for key, spec in per_field.items():
+                if key == "7":
+                    continue
+                spec["voxel_mm"] = [[max(0.5, a * (1 - scale * (1 - vlo))), b * (1 + scale * (vhi - 1))]
+                                    if b > 0.5 + 1e-6 else [a, b] for a, b in spec["voxel_mm"]]
+        for key, spec in tab["bias"].items():
+            if key.startswith("_") or key == "7":
+                continue
+            spec["amplitude"] = [a * (1 + scale * (w["bias"]["value"] - 1)) for a in spec["amplitude"]]
+        return Physics(tab)
 
     # protocols ----------------------------------------------------------------------------------
     def protocol_spec(self, contrast: str, field: float) -> dict[str, Any]:
@@ -182,6 +264,8 @@ class Physics:
         """
         spec = self.protocol_spec(contrast, field)
         out: dict[str, Any] = {"sequence": spec["sequence"]}
+        if "readout" in spec:
+            out["readout"] = spec["readout"]
         for key in ("TR_ms", "TE_ms", "TI_ms", "FA_deg"):
             if key not in spec:
                 continue
@@ -222,7 +306,8 @@ class Physics:
                       protocol: dict[str, Any] | None = None) -> float:
         """Noise-free signal of one tissue (nominal protocol unless one is given)."""
         protocol = protocol or self.protocol(contrast, field)
-        return sequence_signal(protocol["sequence"], self.relaxation(tissue, field), protocol)
+        return (sequence_signal(protocol["sequence"], self.relaxation(tissue, field), protocol)
+                * self.tse_factor(tissue, protocol))
 
     def tissue_signals(self, contrast: str, field: float,
                        protocol: dict[str, Any] | None = None,

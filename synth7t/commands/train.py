@@ -30,7 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data (at least one; --simulated when none is given)")
     d.add_argument("--simulated", action="store_true",
-                   help="pairs simulated on the fly from the ICBM152 anatomy")
+                   help="pairs simulated on the fly from ICBM152 (+ --anatomies), every slab "
+                        "a new randomised brain")
+    d.add_argument("--anatomies", nargs="+", type=Path, default=[], metavar="NPZ",
+                   help="extra simulator anatomies (scripts/make_training_anatomies.py output)")
+    d.add_argument("--no-randomise", action="store_true",
+                   help="plain simulator: no label/texture/relaxation randomisation, "
+                        "physics.json ranges instead of the widened training ranges")
     d.add_argument("--mrixfields", type=Path, metavar="DIR",
                    help="MRIxFields tree with paired P_ volumes (7T as target)")
     d.add_argument("--mrixfields-split", nargs="+", default=["Training_prospective"])
@@ -61,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--refresh-every", type=int, default=4, help="steps between new slabs")
     m.add_argument("--val-slabs", type=int, default=24, help="held-out slabs (2 per pair)")
     m.add_argument("--max-minutes", type=float, default=0.0, help="stop after this wall time")
+    m.add_argument("--no-uncertainty", action="store_true",
+                   help="no uncertainty head (per-voxel expected absolute error)")
+    m.add_argument("--unc-weight", type=float, default=0.1, help="weight of the Laplace NLL")
+    m.add_argument("--ema-decay", type=float, default=0.999, help="0 disables the weight EMA")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
@@ -80,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     from synth7t.fields import CONTRASTS, SUPPORTED_BINS
     from synth7t.registry import RegistryError
     from synth7t.train import (PatchSampler, SimulatorSource, TrainConfig, Trainer,
-                               VolumePairSource, bids_pairs, default_card, export_model,
-                               load_registry_unet, mrixfields_pairs, validation_slabs)
+                               VolumePairSource, bids_pairs, load_registry_unet,
+                               mrixfields_pairs, validation_slabs)
+    from synth7t.export import default_card, export_model
+    from synth7t.sources import RandomAnatomies
 
     contrasts = tuple(args.contrasts or CONTRASTS)
     fields = tuple(args.fields or SUPPORTED_BINS)
@@ -95,13 +107,36 @@ def main(argv: list[str] | None = None) -> int:
     sources = []
     data_desc: list[str] = []
     sim_source = None
+    val_sim = None
     if args.simulated:
-        sim_source = SimulatorSource(depth=args.slab_depth, roi_size=args.roi_size or None,
-                                     fields=fields, contrasts=contrasts)
+        from synth7t.anatomy import from_icbm152, load_anatomy
+        from synth7t.simulate import Simulator
+
+        icbm = from_icbm152()
+        val_sim = Simulator(icbm)
+        if args.no_randomise and not args.anatomies:
+            sim_source = SimulatorSource(val_sim, depth=args.slab_depth,
+                                         roi_size=args.roi_size or None, fields=fields,
+                                         contrasts=contrasts)
+            data_desc.append("simulated pairs from the ICBM152 2009 anatomy (synth7t.simulate; "
+                             "random fields, contrasts, protocols within the physics.json "
+                             "ranges, random deformations); Colin27/BrainWeb never used")
+        else:
+            anats = [icbm] + [load_anatomy(a) for a in args.anatomies]
+            randomiser = RandomAnatomies(
+                anats, label_perturbation=0.0 if args.no_randomise else 0.5,
+                texture_std=0.0 if args.no_randomise else 0.04, jitter=not args.no_randomise)
+            sim_source = SimulatorSource(depth=args.slab_depth, roi_size=args.roi_size or None,
+                                         fields=fields, contrasts=contrasts,
+                                         extent=SimulatorSource(val_sim, depth=args.slab_depth).extent,
+                                         randomiser=randomiser)
+            data_desc.append(
+                "simulated pairs (synth7t.simulate) from " + ", ".join(randomiser.names)
+                + "; every slab a new brain: random smooth deformation, GM/WM label "
+                "perturbation, random texture, per-tissue PD/T1/T2 jitter, protocol/SNR/voxel/"
+                "bias ranges widened as physics.json training_widening says; "
+                "Colin27/BrainWeb never used")
         sources.append((sim_source, 1.0))
-        data_desc.append("simulated pairs from the ICBM152 2009 anatomy (synth7t.simulate; random "
-                         "fields, contrasts, protocols within the physics.json ranges, random "
-                         "deformations); Colin27/BrainWeb never used")
     real_pairs = []
     if args.mrixfields:
         pairs = mrixfields_pairs(args.mrixfields, splits=args.mrixfields_split,
@@ -145,13 +180,15 @@ def main(argv: list[str] | None = None) -> int:
                       checkpoint_every=args.checkpoint_every,
                       val_slabs=args.val_slabs, threads=args.threads, device=args.device,
                       max_minutes=args.max_minutes, data=data_desc,
+                      uncertainty=not args.no_uncertainty, unc_weight=args.unc_weight,
+                      ema_decay=args.ema_decay,
                       warmup=20 if init_net is not None else 100)
 
     # Held-out set: simulated with seeds offset far from training seeds when the simulator is
     # in use, else slabs of the given data (then *not* held out, and the card says so).
     val_note = "held-out simulated slabs (seed offset 10^9)"
     if sim_source is not None:
-        val_src = SimulatorSource(sim_source.sim, depth=args.slab_depth,
+        val_src = SimulatorSource(val_sim, depth=args.slab_depth,
                                   roi_size=args.roi_size or None, fields=fields,
                                   contrasts=contrasts, seed_offset=10 ** 9,
                                   extent=sim_source.extent)
