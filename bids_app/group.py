@@ -492,13 +492,13 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.out{background:#fdecea;color:#b71c1c;font-weight:600}
 tr.st-refused td.st,tr.st-crashed td.st{color:#b71c1c;font-weight:600}
 tr.st-notrun td.st{color:#888;font-style:italic} tr.st-partial td.st{color:#e65100}
-td.reason{max-width:28em;font-size:.9em;word-break:break-word}
+td.reason{min-width:16em;max-width:32em;font-size:.9em;overflow-wrap:anywhere}
 img.thumb{width:180px;display:block;background:#000}
 .dist{display:inline-block;margin:.4em 1.2em .8em 0;vertical-align:top}
 .dist h3{font-size:.95em;margin:.2em 0}
 .note{color:#555;font-size:.92em;max-width:70em}
 .miss{background:#fff8e1;border-left:4px solid #f0ad4e;padding:.4em .8em;margin:.3em 0}
-#filters{margin:.6em 0} #filters input{width:22em}
+#filters{margin:.6em 0} #filter{width:22em}
 """
 
 _JS = """
@@ -514,7 +514,10 @@ _JS = """
       state.dir=(state.col===i)?-state.dir:1; state.col=i;
       Array.prototype.forEach.call(heads,function(h){h.className='';});
       th.className=state.dir>0?'sorted-asc':'sorted-desc';
-      rows.sort(function(a,b){return state.dir*cmp(key(a.cells[i]),key(b.cells[i]));});
+      rows.sort(function(a,b){var ka=key(a.cells[i]), kb=key(b.cells[i]);
+        var na=(ka[1]==='n/a'), nb=(kb[1]==='n/a');
+        if(na!==nb) return na?1:-1;  /* missing values last, both directions */
+        return state.dir*cmp(ka,kb);});
       rows.forEach(function(r){body.appendChild(r);});
     });
   });
@@ -578,8 +581,9 @@ def _svg_distribution(rows: list[Row], col: str, st: dict) -> str:
                      f'fill="{"#d32f2f" if out else "#1565c0"}" fill-opacity="0.75">'
                      f'<title>{_E(name)}: {v:.4g}{ztxt}</title></circle>')
         if out:
+            anchor = "end" if x(v) > w - 60 else "start" if x(v) < 60 else "middle"
             parts.append(f'<text x="{x(v):.1f}" y="{y - 6}" font-size="9" fill="#b71c1c" '
-                         f'text-anchor="middle">{_E(name)}</text>')
+                         f'text-anchor="{anchor}">{_E(name)}</text>')
     parts.append(f'<text x="{pad}" y="{h - 6}" font-size="10" fill="#555">{lo:.4g}</text>')
     parts.append(f'<text x="{w - pad}" y="{h - 6}" font-size="10" fill="#555" '
                  f'text-anchor="end">{hi:.4g}</text>')
