@@ -84,6 +84,87 @@ def test_few_steps_lower_the_loss(tmp_path):
     assert state["step"] == 40
 
 
+def _saved_optimizer_state(ckpt_dir) -> dict:
+    """The optimizer ``state_dict`` saved in a run's checkpoint folder (any ``*.pt`` holding a
+    dict with ``state`` and ``param_groups``, at top level or under one key; extra keys and
+    files are ignored)."""
+    found = []
+    for f in sorted(ckpt_dir.glob("*.pt")):
+        blob = torch.load(f, weights_only=True, map_location="cpu")
+        for cand in [blob, *(blob.values() if isinstance(blob, dict) else [])]:
+            if isinstance(cand, dict) and {"state", "param_groups"} <= set(cand):
+                found.append(cand)
+    assert len(found) == 1, f"expected one optimizer state in {ckpt_dir}, found {len(found)}"
+    return found[0]
+
+
+def _adam_steps(opt_state: dict) -> set[int]:
+    return {int(float(st["step"])) for st in opt_state["state"].values() if "step" in st}
+
+
+def check_resume_continues(out, args: list[str], *, done: int, total: int) -> None:
+    """``synth7t-train ... --resume --steps total`` on a run checkpointed at step ``done`` must
+    continue that run, not start a new one (a fresh ``total``-step run also ends at ``total``):
+
+    * it performs exactly ``total - done`` optimizer steps;
+    * its first step starts from the checkpoint: every parameter equals a tensor of
+      ``last.safetensors`` and the optimizer's moments and step counts are those saved;
+    * ``state.json``'s step counter goes on from ``done`` to ``total``, the saved optimizer state
+      then counts ``total`` steps, and the loss history of the first part is kept unchanged.
+    """
+    from safetensors.torch import load_file
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+
+    ckpt = out / "checkpoints"
+    state0 = json.loads((ckpt / "state.json").read_text())
+    assert state0["step"] == done, state0["step"]
+    opt0 = _saved_optimizer_state(ckpt)
+    assert _adam_steps(opt0) == {done}, _adam_steps(opt0)
+    weights0 = [t.float() for t in load_file(str(ckpt / "last.safetensors")).values()]
+    seen = {"steps": 0, "first": None}
+
+    def pre(optimizer, *_):
+        if seen["first"] is not None:
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        seen["first"] = {
+            "params_from_checkpoint": all(
+                any(t.shape == p.shape and torch.equal(t, p.detach().float().cpu())
+                    for t in weights0) for p in params),
+            "steps": {int(float(optimizer.state[p]["step"])) for p in params
+                      if "step" in optimizer.state.get(p, {})},
+            "moments_from_checkpoint": all(
+                k in optimizer.state.get(p, {})
+                and torch.equal(optimizer.state[p][k].cpu(), opt0["state"][i][k])
+                for i, p in enumerate(params) for k in ("exp_avg", "exp_avg_sq")
+                if k in opt0["state"].get(i, {})),
+        }
+
+    def post(optimizer, *_):
+        seen["steps"] += 1
+
+    handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+    try:
+        assert train_main([*args, "--steps", str(total), "--resume"]) == 0
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen["steps"] == total - done, \
+        f"the resumed run made {seen['steps']} optimizer steps, not {total - done}"
+    first = seen["first"]
+    assert first["params_from_checkpoint"], "the resumed run did not start from last.safetensors"
+    assert first["steps"] == {done}, f"optimizer step counts at resume: {first['steps']}"
+    assert first["moments_from_checkpoint"], "optimizer moments not restored from the checkpoint"
+    state1 = json.loads((ckpt / "state.json").read_text())
+    assert state1["step"] == total, state1["step"]
+    assert _adam_steps(_saved_optimizer_state(ckpt)) == {total}
+    hist0, hist1 = state0.get("history", []), state1.get("history", [])
+    assert hist0, "state.json of the first part holds no loss history"
+    assert hist1[:len(hist0)] == hist0, "the loss history of the first part was lost"
+    assert state1.get("wall_seconds", 0) >= state0.get("wall_seconds", 0)
+
+
 @pytest.fixture()
 def mrix_tree(tmp_path):
     root = tmp_path / "mrix"
@@ -118,9 +199,10 @@ def test_train_export_load_and_finetune_on_mrixfields(tmp_path, mrix_tree):
     out = syn.predict(src, mask)
     assert out.min() >= 0 and out.max() <= 1 and not out[~mask].any()
 
-    # resume continues the step count
-    assert train_main(["--mrixfields", str(mrix_tree), "--out", str(first), "--steps", "8",
-                       "--checkpoint-every", "4", "--name", "mine", "--resume", *TINY]) == 0
+    # resume continues from the checkpoint: weights, optimizer state, step counter, loss history
+    check_resume_continues(first, ["--mrixfields", str(mrix_tree), "--out", str(first),
+                                   "--checkpoint-every", "4", "--name", "mine", *TINY],
+                           done=6, total=8)
     assert json.loads((first / "model_card.json").read_text())["Steps"] == 8
 
     # a run exports like the shipped default does (card from the run's state, pair metrics)
