@@ -12,8 +12,10 @@ of :mod:`synth7t.metrics` (nRMSE, SSIM over axial slices, PSNR):
 * ``model``: the registry's ``default`` (the shipped model, or ``--model-dir``);
 * ``cand``: optionally a checkpoint given with ``--weights`` (e.g. during training).
 
-By default ``--slabs`` full-plane axial slabs of ``--depth`` slices spread over the brain are
-simulated (a volume costs minutes per pair on 2 cores); ``--full`` scores whole volumes.
+By default ``--slabs`` full-plane (364 x 436) axial slabs of ``--depth`` slices are simulated (a
+volume costs minutes per pair on 2 cores): their first slices are spread evenly over the central
+25-75 % of the brain's z-range (the simulator's undeformed brain mask; with 2 slabs they start at
+25 % and 75 %), and the rest of the brain is not scored. ``--full`` scores whole volumes.
 
 Usage::
 
@@ -175,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                                             f"{results[key][m]['ssim']:.3f}" for m in methods),
                   file=sys.stderr, flush=True)
 
-    where = "whole volumes" if args.full else f"{args.slabs} axial slabs x {args.depth} slices"
+    where = "whole volumes" if args.full else (
+        f"{args.slabs} full-plane axial slabs x {args.depth} slices starting at "
+        + ", ".join(str(r[2].start) for r in rois)
+        + " (spread over the central 25-75 % of the brain's z-range)")
     print(f"# Quality on Colin27 (never used in training), {where}, seed {args.seed}; "
           f"default model kind: {model_kind}; {os.cpu_count()} CPUs "
           f"({platform.machine()}), {args.threads} torch threads; "
