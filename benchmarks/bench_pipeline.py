@@ -170,19 +170,25 @@ def run_case(name: str, label: str, target: float, args) -> dict:
 
 def print_case(res: dict) -> None:
     gb = 1024 ** 3
-    print(f"\n### {res['name']}  (exit {res['rc']})\n")
+    status = "exit 0" if res["rc"] == 0 else f"FAILED, exit {res['rc']}"
+    print(f"\n### {res['name']}  ({status})\n")
     print("| stage | nodes | wall (s) | node sum (s) | peak RSS (GB) |")
     print("|---|---:|---:|---:|---:|")
     for stage, n, wall, tot, peak in res["rows"]:
         print(f"| {stage} | {n or ''} | {wall:.1f} | {tot:.1f} | {peak / gb:.2f} |")
-    ok_t = "ok" if res["wall"] <= res["target"] else "OVER"
-    ok_m = "ok" if res["peak"] / gb <= RSS_TARGET_GB else "OVER"
+    if res["rc"] != 0:  # a failed run is not a measurement: no verdict against the targets
+        ok_t = ok_m = f"FAILED (exit {res['rc']}), no verdict"
+    else:
+        ok_t = "ok" if res["wall"] <= res["target"] else "OVER"
+        ok_m = "ok" if res["peak"] / gb <= RSS_TARGET_GB else "OVER"
     print(f"| **total** | | **{res['wall']:.1f}** (target {res['target']:.0f}: {ok_t}) | "
           f"graph {res['graph']:.1f} | **{res['peak'] / gb:.2f}** "
           f"(target {RSS_TARGET_GB:g}: {ok_m}) |")
     if res["slowest"]:
         print("\nslowest nodes: " + ", ".join(f"{n} {d:.1f} s" for d, n in res["slowest"]))
     if res["rc"] != 0:
+        print(f"\nFAILED: the App exited {res['rc']} on {res['name']}; the times above are of "
+              "an unfinished run, not a verdict on the targets.")
         print("\n```\n" + "\n".join(res["log"].splitlines()[-30:]) + "\n```")
 
 
@@ -200,13 +206,18 @@ def main(argv=None) -> int:
         load = fh.read().split()[:3]
     print(f"synth7t pipeline benchmark: {args.bids}, --nprocs {args.nprocs} --omp-nthreads "
           f"{args.omp_nthreads}, {os.cpu_count()} CPUs, load average {' '.join(load)}")
+    failed = []
     for name in args.case or list(CASES):
         label, target = CASES[name]
         res = run_case(name, label, target, args)
         print_case(res)
+        if res["rc"] != 0:
+            failed.append(f"{name} (exit {res['rc']})")
         if args.keep:
             print(f"\n(kept in {res['root']})")
-    return 0
+    if failed:
+        print(f"\nFAILED: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
