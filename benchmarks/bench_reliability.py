@@ -3,13 +3,17 @@
 
     NIPYPE_NO_ET=1 python benchmarks/bench_reliability.py [-k EXPR] [--basetemp DIR]
 
-Each case is a bad input or a fault (oblique header, NaN voxels, truncated file, SIGKILL in
-the middle of a run, a full disk, a tampered model file, ...). A case is *handled* when the
-App did what the table says (right result, or the right exit code and message). The closing
-line counts them, the input files that any run modified (every input tree is hashed before
-and after every run) and the outputs lost (half-written, left-over temp or clobbered files):
+Each case is either a *bad input* (oblique or contradictory header, odd dtype, NaN voxels, 4D /
+empty / non-NIfTI / truncated file, bad field strength, bad participant label or filter file,
+tampered or pickled model file) or a *fault or rerun* (output folder not writable, disk full,
+SIGKILL in the middle of a run and rerun, two concurrent runs, a same-seed rerun). A case is
+*handled* when the App did what the table says (right result, or the right exit code and
+message). The closing line counts the two kinds separately, then the input files that any run
+modified (every input tree is hashed before and after every run) and the outputs lost
+(half-written, left-over temp or clobbered files):
 
-    N bad inputs tried, N handled, 0 inputs modified, 0 outputs lost
+    N bad inputs tried, N handled; M fault and rerun cases tried, M handled;
+    0 inputs modified, 0 outputs lost
 
 Exit status: 0 when every case was handled, 1 otherwise.
 """
@@ -24,6 +28,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # bids_app/workflows may not be in an older editable install
 META_ROWS = {"input-dataset-unmodified"}  # a check over all the others, not a bad input
+#: Table rows (tests/test_robustness.py ROWS groups) whose cases are bad inputs; the rest are
+#: faults during a run (unwritable output, full disk, SIGKILL) and reruns (concurrent, same seed).
+BAD_INPUT_GROUPS = {"header", "numeric", "anisotropic", "nan-inf", "bad-file", "field", "usage",
+                    "model"}
+FAULT_GROUPS = {"output", "sigkill", "concurrent", "determinism"}
 
 
 class Collector:
@@ -93,8 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     handled = [n for n in tried if collector.results[n]["outcome"] == "passed"]
     if guard is not None:
         print(f"App runs: {len(guard.runs)}; total {elapsed:.0f} s")
-    print(f"{len(tried)} bad inputs tried, {len(handled)} handled, "
-          f"{len(modified)} inputs modified, {len(lost)} outputs lost")
+    kinds = {"bad inputs": BAD_INPUT_GROUPS, "fault and rerun cases": FAULT_GROUPS}
+    other = [n for n in tried if not any(rows.get(n) in g for g in kinds.values())]
+    parts = []
+    for what, groups in kinds.items():
+        mine = [n for n in tried if rows.get(n) in groups]
+        parts.append(f"{len(mine)} {what} tried, {len([n for n in mine if n in handled])} handled")
+    if other:
+        parts.append(f"{len(other)} other cases ({', '.join(other)}) tried, "
+                     f"{len([n for n in other if n in handled])} handled")
+    print("; ".join(parts) + f"; {len(modified)} inputs modified, {len(lost)} outputs lost")
     return 0 if tried and len(handled) == len(tried) and not modified and not lost else 1
 
 
