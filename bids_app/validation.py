@@ -184,6 +184,7 @@ def validate_participants(bids_dir: Path, participants: list[str], *,
     result = ValidationResult(scope=scope, seconds=time.monotonic() - t0)
     selected = set(participants)
     dataset_errors = []
+    by_owner: dict[str, list[dict]] = {}
     for issue in issues:
         if issue.get("severity") != "error":
             continue
@@ -192,7 +193,7 @@ def validate_participants(bids_dir: Path, participants: list[str], *,
         if owner is None:
             dataset_errors.append(issue)
         elif owner in selected:
-            result.refused.setdefault(owner, []).append(issue)
+            by_owner.setdefault(owner, []).append(issue)
     if dataset_errors:
         lines = [_format_issue(i, messages) for i in dataset_errors[:MAX_LISTED]]
         more = (f" (and {len(dataset_errors) - MAX_LISTED} more)"
@@ -203,8 +204,7 @@ def validate_participants(bids_dir: Path, participants: list[str], *,
             f"error(s){more}:\n  " + "\n  ".join(lines)
             + "\nFix the dataset or pass --skip-bids-validation.",
         )
-    out: dict[str, list[str]] = {}
-    for owner, errs in sorted(result.refused.items()):
+    for owner, errs in sorted(by_owner.items()):
         msgs = []
         for issue in errs[:MAX_PER_PARTICIPANT]:
             loc = (issue.get("location") or "").lstrip("/")
@@ -217,8 +217,7 @@ def validate_participants(bids_dir: Path, participants: list[str], *,
         if len(errs) > MAX_PER_PARTICIPANT:
             msgs.append(f"sub-{owner}: {len(errs) - MAX_PER_PARTICIPANT} more BIDS validation "
                         "error(s)")
-        out[owner] = msgs
-    result.refused = out
+        result.refused[owner] = msgs
     result.warnings = sorted({i.get("code", "?") for i in issues
                               if i.get("severity") == "warning"})
     return result
