@@ -401,3 +401,51 @@ def test_study_with_broken_participants_end_to_end(tmp_path, bids_3t):
     assert flagged == ["sub-extra5"], flagged
     assert "not in" in proc.stderr  # records of participants absent from the dataset are named
     check_report_in_chromium(out / "group.html", tmp_path)
+
+
+# --------------------------------------------------------------------------- QC values
+def test_qc_values_on_tiny_images(tmp_path):
+    """bids_app.qc: volume, registration Dice (both grid paths), noise reduction, tissues."""
+    from bids_app import qc
+    from synth7t.reference import REF_AFFINE
+
+    tmask = nib.load(qc.template_mask_path())
+    t = np.asanyarray(tmask.dataobj) > 0
+    # the template mask on the 0.5 mm grid (slicing path): Dice 1; shifted by 4 mm: lower
+    up = np.repeat(np.repeat(np.repeat(t, 2, 0), 2, 1), 2, 2).astype(np.uint8)
+    nib.Nifti1Image(up, REF_AFFINE).to_filename(tmp_path / "ref.nii")
+    assert qc.registration_dice(tmp_path / "ref.nii") == pytest.approx(1.0)
+    nib.Nifti1Image(np.roll(up, 8, axis=0), REF_AFFINE).to_filename(tmp_path / "shift.nii")
+    d_shift = qc.registration_dice(tmp_path / "shift.nii")
+    assert 0.5 < d_shift < 0.97
+    # a 2 mm grid (resampling path)
+    aff2 = tmask.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.Nifti1Image(t[::2, ::2, ::2].astype(np.uint8), aff2).to_filename(tmp_path / "m2.nii")
+    assert qc.registration_dice(tmp_path / "m2.nii") > 0.95
+
+    # native images: mask of a known size, noisy input, smooth synthetic image
+    rng = np.random.default_rng(0)
+    shape = (30, 32, 28)
+    mask = np.zeros(shape, np.uint8)
+    mask[5:25, 6:26, 4:24] = 1  # 20 x 20 x 20 voxels of 2 mm = 64 mL
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    zz = np.indices(shape)[0]
+    clean = (100 + 60 * (zz > 15) + 30 * (zz > 20)).astype(np.float32) * mask
+    noisy = clean + rng.normal(0, 12, shape).astype(np.float32) * mask
+    for name, data in (("preproc", noisy), ("synth", clean), ("mask", mask)):
+        nib.Nifti1Image(data, aff).to_filename(tmp_path / f"{name}.nii.gz")
+    assert qc.brain_volume_ml(tmp_path / "mask.nii.gz") == pytest.approx(64.0)
+    item = {"contrast": "T1w", "derivatives": {"preproc": "preproc.nii.gz",
+                                               "synth_native": "synth.nii.gz",
+                                               "mask": "mask.nii.gz"}}
+    got = qc.input_qc(tmp_path, item)
+    assert got["NoiseReduction"] > 0.3, got  # the smooth image has less local noise
+    assert 0.5 < got["TissueAgreementDice"] <= 1.0, got
+    same = qc.input_qc(tmp_path, {**item, "derivatives": {**item["derivatives"],
+                                                          "synth_native": "preproc.nii.gz"}})
+    assert same == {"NoiseReduction": 0.0, "TissueAgreementDice": 1.0}
+    info = {"participant": "x", "inputs": [dict(item, session=None)]}
+    info["inputs"][0]["derivatives"] = dict(item["derivatives"], ref_mask="ref.nii")
+    qc.add_qc(tmp_path, info)
+    assert info["inputs"][0]["qc"]["BrainVolumeML"] == pytest.approx(64.0)
+    assert info["inputs"][0]["qc"]["RegistrationDice"] == pytest.approx(1.0)
