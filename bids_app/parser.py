@@ -224,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="storage of reference-space images: scaled integers (uint16/int16 with scl_slope, "
              "~5x smaller) or float32",
     )
+    g_app.add_argument(
+        "--no-uncertainty", "--no_uncertainty", dest="uncertainty", action="store_false",
+        help="do not write the per-voxel uncertainty maps (desc-uncertainty) beside the "
+             "synthetic images",
+    )
+    g_app.add_argument(
+        "--tta", dest="tta", action=argparse.BooleanOptionalAction, default=None,
+        help="left-right test-time flips in synthesis (--no-tta turns them off; default: the "
+             "shipped models' default)",
+    )
     return parser
 
 

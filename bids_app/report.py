@@ -353,6 +353,62 @@ def _fig_mosaic(input_img, synth_img, cuts: dict, axis: str, path: Path, labels:
     atomic_write_bytes(buf.getvalue(), path)
 
 
+def _fig_uncertainty(synth_img, unc_img, cuts: dict, path: Path, *, vmax: float) -> None:
+    """The synthetic image with its uncertainty map as a heat overlay (axial and coronal)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nilearn.plotting import plot_anat
+
+    fig = plt.figure(figsize=(14, 4.8), facecolor="k")
+    for i, axis in enumerate(("z", "y")):
+        ax = fig.add_axes([0, 1 - (i + 1) / 2, 0.94, 1 / 2])
+        display = plot_anat(synth_img, display_mode=axis, cut_coords=cuts[axis], figure=fig,
+                            axes=ax, vmin=0.0, vmax=1.0, dim=0, colorbar=False,
+                            draw_cross=False, black_bg=True, annotate=i == 0,
+                            title="uncertainty (expected absolute error)" if i == 0 else None)
+        display.add_overlay(unc_img, cmap="hot", vmin=0.0, vmax=vmax, threshold=0.2 * vmax,
+                            alpha=0.7, colorbar=False)
+    cax = fig.add_axes([0.955, 0.1, 0.015, 0.8])
+    sm = plt.cm.ScalarMappable(cmap="hot", norm=plt.Normalize(0.0, vmax))
+    cb = fig.colorbar(sm, cax=cax)
+    cb.ax.tick_params(colors="w", labelsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, facecolor="k")
+    plt.close(fig)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+def _uncertainty_paths(paths: dict) -> tuple[Path | None, dict]:
+    """The reference-grid uncertainty map beside the synthetic image, and the synthetic
+    image's sidecar (which holds the uncertainty summary)."""
+    syn = paths.get("synth")
+    if not syn:
+        return None, {}
+    unc = syn.parent / syn.name.replace("_desc-synth7T_", "_desc-uncertainty_")
+    side = syn.parent / (syn.name.split(".", 1)[0] + ".json")
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError):
+        meta = {}
+    return (unc if unc.is_file() else None), meta
+
+
+def uncertainty_warning(contrast: str, meta: dict) -> str | None:
+    """Summary warning when too much of the brain is uncertain (input out of distribution)."""
+    from synth7t.uncertainty import OOD_SHARE
+
+    share = meta.get("UncertainShareBrain")
+    if share is None or not meta.get("UncertaintyOutOfDistribution"):
+        return None
+    return (f"{contrast}: {100 * share:.0f} % of the brain has an expected error above "
+            f"{meta.get('UncertaintyThreshold')} (limit {100 * OOD_SHARE:.0f} %): the input is "
+            "probably unlike the training data; check the synthetic image against the input")
+
+
 # --------------------------------------------------------------------------- sections
 def _summary(run_info: dict, participant: str, versions: dict, warnings: list[str]) -> str:
     start, end = _parse_time(run_info.get("start_time")), _parse_time(run_info.get("end_time"))
@@ -542,7 +598,40 @@ def _input_section(item: dict, idx: int, participant: str, out_dir: Path, fig_di
     else:
         out.append('<p class="missing">Not available (preprocessed input missing).</p>')
 
-    # 4. model card
+    # 4. uncertainty
+    unc_path, syn_meta = _uncertainty_paths(paths)
+    if unc_path is not None or "UncertaintyMeanBrain" in syn_meta:
+        out.append("<h3>Uncertainty</h3>")
+        if "UncertaintyMeanBrain" in syn_meta:
+            out.append(_table([
+                ("Mean expected absolute error in the brain", syn_meta["UncertaintyMeanBrain"]),
+                ("95th percentile", syn_meta.get("UncertaintyP95Brain")),
+                (f"Share of the brain above {syn_meta.get('UncertaintyThreshold')}",
+                 f"{100 * float(syn_meta.get('UncertainShareBrain', 0)):.1f} %"),
+                ("Method", syn_meta.get("UncertaintyMethod"))]))
+            w = uncertainty_warning(contrast, syn_meta)
+            if w:
+                out.append(f'<div class="warn">{_esc(w)}</div>')
+        if unc_path is not None and paths.get("synth"):
+            f = fig_dir / f"{ent}_desc-uncertainty_{contrast}.png"
+            out.append('<p class="elem-desc">The synthetic 7T image with its per-voxel '
+                       "uncertainty (expected absolute error, in the image's [0, 1] units) as a "
+                       "heat overlay; bright = do not trust the detail there.</p>")
+
+            def draw():
+                from synth7t.uncertainty import THRESHOLD
+
+                syn_img = images.get(paths["synth"])
+                unc_img = images.get(unc_path)
+                vmax = max(2 * THRESHOLD, float(np.percentile(
+                    np.asanyarray(unc_img.dataobj)[np.asanyarray(syn_img.dataobj) > 0], 99.5)))
+                _fig_uncertainty(_window_pair(syn_img, None, None)[0], unc_img,
+                                 _cuts(syn_img), f, vmax=vmax)
+
+            if attempt("uncertainty", draw):
+                out.append(_img_tag(out_dir, f, f"{title} uncertainty"))
+
+    # 5. model card
     model = item.get("model") or {}
     out.append("<h3>Synthesis model</h3>")
     if model:
@@ -604,6 +693,12 @@ def generate_report(out_dir: str | os.PathLike, participant_label: str, run_info
                  + (f" (ses-{i['session']})" if i.get("session") else "") + f": {w}"
                  for i in inputs for w in (i.get("warnings") or [])]
     warnings += fig_log
+    for item in inputs:
+        syn = (item.get("derivatives") or {}).get("synth")
+        meta = _uncertainty_paths({"synth": _resolve(out_dir, syn)})[1] if syn else {}
+        w = uncertainty_warning(str(item.get("contrast", "?")), meta)
+        if w:
+            warnings.append(w)
     summary = _summary(run_info, participant, versions, warnings)
 
     nav = ['<a href="#summary">Summary</a>'] + [

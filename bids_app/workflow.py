@@ -201,7 +201,9 @@ def run_graph(items, models, opts, plugin, provenance, log_dir: Path, t_start: f
         sessions=items, models=models, output_dir=opts.output_dir,
         skull_strip=opts.skull_strip, model_dir=opts.model_dir, device=opts.device,
         storage_dtype=opts.output_dtype, omp_nthreads=opts.omp_nthreads,
-        seed=opts.random_seed, provenance=provenance, name=workflow_name())
+        seed=opts.random_seed, provenance=provenance,
+        uncertainty=getattr(opts, "uncertainty", True), tta=getattr(opts, "tta", None),
+        name=workflow_name())
     wf.base_dir = str(opts.work_dir)
     wf_labels = {}
     totals = {}

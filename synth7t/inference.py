@@ -23,6 +23,9 @@ from .registry import ModelEntry, ModelIntegrityError, safetensors_metadata
 PAD_MULTIPLE = 16
 #: Voxels of context kept around the mask's bounding box.
 MARGIN = 8
+#: Left-right test-time flips by default (BIDS App and challenge command); see the README's
+#: inference table for the measured quality/speed trade-off that set it.
+DEFAULT_TTA = False
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -154,7 +157,8 @@ class Synthesizer:
 
     def predict(self, volume: np.ndarray, mask: np.ndarray | None = None, *,
                 others: dict[str, np.ndarray] | None = None, batch_size: int = 4,
-                tta: bool = False, threads: int | None = None) -> np.ndarray:
+                tta: bool = False, threads: int | None = None,
+                return_uncertainty: bool = False):
         """Synthesise a 7T-like volume.
 
         Parameters
@@ -172,13 +176,22 @@ class Synthesizer:
             Average with the left-right flipped prediction.
         threads
             torch intra-op threads for this call (restored afterwards).
+        return_uncertainty
+            Also return the per-voxel uncertainty (see :mod:`synth7t.uncertainty`): expected
+            absolute error in the image's [0, 1] units, exactly 0 outside ``mask``; ``None``
+            for models that cannot estimate it.
 
         Returns
         -------
-        np.ndarray
-            float32 in [0, 1], exactly 0 outside ``mask``.
+        np.ndarray or (np.ndarray, np.ndarray | None)
+            float32 in [0, 1], exactly 0 outside ``mask`` (and the uncertainty when asked).
         """
         raise NotImplementedError
+
+    @property
+    def has_uncertainty(self) -> bool:
+        """Whether :meth:`predict` can return an uncertainty map."""
+        return False
 
 
 class BaselineSynthesizer(Synthesizer):
@@ -195,10 +208,11 @@ class BaselineSynthesizer(Synthesizer):
 
     def predict(self, volume: np.ndarray, mask: np.ndarray | None = None, *,
                 others: dict[str, np.ndarray] | None = None, batch_size: int = 4,
-                tta: bool = False, threads: int | None = None) -> np.ndarray:
+                tta: bool = False, threads: int | None = None, return_uncertainty: bool = False):
         volume = np.asarray(volume, dtype=np.float32)
         mask = _prepare_mask(volume, mask)
-        return tissue_map(volume, mask, self.contrast, self.field_bin, self.params)
+        out = tissue_map(volume, mask, self.contrast, self.field_bin, self.params)
+        return (out, None) if return_uncertainty else out
 
 
 class UNetSynthesizer(Synthesizer):
@@ -243,12 +257,14 @@ class UNetSynthesizer(Synthesizer):
 
     def predict(self, volume: np.ndarray, mask: np.ndarray | None = None, *,
                 others: dict[str, np.ndarray] | None = None, batch_size: int = 4,
-                tta: bool = False, threads: int | None = None) -> np.ndarray:
+                tta: bool = False, threads: int | None = None, return_uncertainty: bool = False):
         volume = np.asarray(volume, dtype=np.float32)
         mask = _prepare_mask(volume, mask)
         box = mask_bbox(mask)
+        want_unc = return_uncertainty and self.has_uncertainty
         if box is None:
-            return np.zeros(volume.shape, dtype=np.float32)
+            zeros = np.zeros(volume.shape, dtype=np.float32)
+            return (zeros, zeros.copy() if want_unc else None) if return_uncertainty else zeros
         src = crop_padded(volume * mask, box)
         oth = {}
         for name in self.config.others:
@@ -257,6 +273,7 @@ class UNetSynthesizer(Synthesizer):
                          if arr is not None else np.zeros_like(src))
         cmask = crop_padded(mask.astype(np.float32), box) > 0
         out = np.zeros(src.shape, dtype=np.float32)
+        unc = np.zeros(src.shape, dtype=np.float32) if want_unc else None
         zs = [z for z in range(src.shape[2]) if cmask[:, :, z].any()]
         cond1 = condition_vector(self.contrast, self.field_bin).to(self.device)
         # Per batch, only the in-plane box holding every non-zero input of its slices (and of
@@ -272,16 +289,52 @@ class UNetSynthesizer(Synthesizer):
                 x = torch.from_numpy(self._inputs(src, oth, chunk)[:, :, x0:x1, y0:y1])
                 x = x.to(self.device).contiguous(memory_format=torch.channels_last)
                 cond = cond1.expand(len(chunk), -1)
-                y = self.net(x, cond)
-                if tta:
-                    # Left-right flip (array axis 0 -> tensor dim 2) is anatomically plausible.
-                    y = 0.5 * (y + self.net(torch.flip(x, dims=(2,)), cond).flip(dims=(2,)))
+                y, u = self._forward(x, cond, tta=tta, uncertainty=want_unc)
                 y = y[:, 0].float().cpu().numpy()
                 for i, z in enumerate(chunk):
                     out[x0:x1, y0:y1, z] = y[i]
+                if u is not None:
+                    u = u[:, 0].float().cpu().numpy()
+                    for i, z in enumerate(chunk):
+                        unc[x0:x1, y0:y1, z] = u[i]
         out = paste_cropped(out, box, volume.shape)
         out[~mask] = 0.0
-        return np.clip(out, 0.0, 1.0, out=out)
+        np.clip(out, 0.0, 1.0, out=out)
+        if not return_uncertainty:
+            return out
+        if unc is not None:
+            unc = paste_cropped(unc, box, volume.shape)
+            unc[~mask] = 0.0
+            np.clip(unc, 0.0, None, out=unc)
+        return out, unc
+
+    @property
+    def has_uncertainty(self) -> bool:
+        return bool(getattr(self.config, "uncertainty", False))
+
+    def _forward(self, x: torch.Tensor, cond: torch.Tensor, *, tta: bool,
+                 uncertainty: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prediction (and uncertainty) of one batch, optionally averaged with the LR flip.
+
+        The uncertainty is the head's expected absolute error ``b`` (averaged over the flips)
+        plus, with flips, half their absolute disagreement: the flips see the same anatomy
+        mirrored, so where they disagree the network is unsure of its own answer.
+        """
+        def run(inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if uncertainty:
+                return self.net.forward_with_uncertainty(inp, cond)
+            return self.net(inp, cond), None
+
+        y, b = run(x)
+        if not tta:
+            return y, b
+        # Left-right flip (array axis 0 -> tensor dim 2) is anatomically plausible.
+        yf, bf = run(torch.flip(x, dims=(2,)))
+        yf = yf.flip(dims=(2,))
+        mean = 0.5 * (y + yf)
+        if b is None:
+            return mean, None
+        return mean, 0.5 * (b + bf.flip(dims=(2,))) + 0.5 * (y - yf).abs()
 
 
 def save_unet(net: UNet25D, path, *, extra_metadata: dict[str, str] | None = None) -> str:

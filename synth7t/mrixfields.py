@@ -312,9 +312,16 @@ def _order(samples: list[Sample]) -> list[Sample]:
 
 
 def run(manifest: Manifest, *, model_dir: str | Path | None = None, model_name: str = "default",
-        device: str = "cpu", threads: int | None = None, batch_size: int = 4, tta: bool = False,
-        tmp_dir: str | Path | None = None, log=_log) -> RunResult:
-    """Predict every sample of a validated manifest; see the module docstring."""
+        device: str = "cpu", threads: int | None = None, batch_size: int = 4,
+        tta: bool | None = None, tmp_dir: str | Path | None = None,
+        uncertainty_dir: str | Path | None = None, log=_log) -> RunResult:
+    """Predict every sample of a validated manifest; see the module docstring.
+
+    ``uncertainty_dir`` (outside the output folder: the contract allows no extra files there)
+    receives each sample's uncertainty map under the sample's output name, for models with an
+    uncertainty head (:mod:`synth7t.uncertainty`).
+    """
+    from synth7t.inference import DEFAULT_TTA
     from synth7t.registry import Registry, load_synthesizer
 
     t_start = time.time()
@@ -324,6 +331,14 @@ def run(manifest: Manifest, *, model_dir: str | Path | None = None, model_name: 
                              f"{manifest.output_dir}; set SYNTH7T_TMPDIR/--tmp-dir elsewhere"],
                             EX_USAGE)
     tmp_base.mkdir(parents=True, exist_ok=True)
+    tta = DEFAULT_TTA if tta is None else bool(tta)
+    if uncertainty_dir is not None:
+        uncertainty_dir = Path(uncertainty_dir)
+        if _is_within(uncertainty_dir, manifest.output_dir) or \
+                _is_within(manifest.output_dir, uncertainty_dir):
+            raise ManifestError([f"uncertainty folder {uncertainty_dir} overlaps the output folder "
+                                 f"{manifest.output_dir}; the contract allows no extra files "
+                                 "there"], EX_USAGE)
     if threads:
         import torch
 
@@ -404,8 +419,16 @@ def run(manifest: Manifest, *, model_dir: str | Path | None = None, model_name: 
                 vol = np.clip(data, 0.0, 1.0)
                 t1 = time.time()
                 tim["load"] = t1 - t0
+                want_unc = uncertainty_dir is not None and synths[key].has_uncertainty
                 pred = synths[key].predict(vol, vol > 0, others=others or None,
-                                           batch_size=batch_size, tta=tta, threads=threads)
+                                           batch_size=batch_size, tta=tta, threads=threads,
+                                           return_uncertainty=want_unc)
+                if want_unc:
+                    pred, unc = pred
+                    unc_img = output_image(unc, img, data)
+                    write(unc_img, work / f"{n:04d}-unc.nii.gz",
+                          uncertainty_dir / Path(s.output))
+                    del unc, unc_img
                 tim["predict"] = time.time() - t1
                 if tuple(np.shape(pred)) != tuple(manifest.volume_shape):
                     raise ValueError(f"model returned shape {np.shape(pred)}")

@@ -12,7 +12,7 @@ from synth7t.fields import CONTRASTS
 from .anatomical import init_anat_preproc_wf
 from .outputs import init_ds_anat_wf, init_ds_registration_wf, init_ds_synthesis_wf
 from .registration import init_register_wf
-from .synthesis import ModelChoice, init_synthesis_wf, select_model
+from .synthesis import ModelChoice, has_uncertainty, init_synthesis_wf, select_model
 
 
 def workflow_name() -> str:
@@ -35,7 +35,8 @@ def load_registry(model_dir=None):
 def init_synth7t_wf(*, sessions, output_dir, skull_strip: str = "auto", registry=None,
                     models: dict | None = None, model_dir=None, model_name: str = "default",
                     device: str = "auto", storage_dtype: str = "uint16", omp_nthreads: int = 1,
-                    seed: int = 0, provenance: dict | None = None, name: str | None = None):
+                    seed: int = 0, provenance: dict | None = None, uncertainty: bool = True,
+                    tta: bool | None = None, name: str | None = None):
     """Build the graph of a run: one :func:`init_single_subject_wf` per participant/session.
 
     Parameters
@@ -68,6 +69,10 @@ def init_synth7t_wf(*, sessions, output_dir, skull_strip: str = "auto", registry
         Random seed.
     provenance : dict, optional
         Keys added to every sidecar.
+    uncertainty : bool
+        Write ``desc-uncertainty`` maps for models with an uncertainty head.
+    tta : bool, optional
+        Left-right test-time flips (default ``synth7t.inference.DEFAULT_TTA``).
     name : str, optional
         Workflow name (default :func:`workflow_name`).
 
@@ -90,7 +95,7 @@ def init_synth7t_wf(*, sessions, output_dir, skull_strip: str = "auto", registry
             output_dir=output_dir, skull_strip=skull_strip, registry=registry,
             models=sub_models, model_dir=model_dir, model_name=model_name, device=device,
             storage_dtype=storage_dtype, omp_nthreads=omp_nthreads, seed=seed,
-            provenance=provenance,
+            provenance=provenance, uncertainty=uncertainty, tta=tta,
         )])
     return wf
 
@@ -100,7 +105,8 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
                            models: dict[str, ModelChoice] | None = None, model_dir=None,
                            model_name: str = "default", device: str = "auto",
                            storage_dtype: str = "uint16", omp_nthreads: int = 1, seed: int = 0,
-                           provenance: dict | None = None, name: str | None = None):
+                           provenance: dict | None = None, uncertainty: bool = True,
+                           tta: bool | None = None, name: str | None = None):
     """Build the graph of one participant (and session).
 
     The anatomical reference ("anchor") is the T1w when present, else the first of T2w, FLAIR.
@@ -139,6 +145,10 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
         Random seed.
     provenance : dict, optional
         Keys added to every sidecar.
+    uncertainty : bool
+        Write ``desc-uncertainty`` maps for models with an uncertainty head.
+    tta : bool, optional
+        Left-right test-time flips (default ``synth7t.inference.DEFAULT_TTA``).
     name : str, optional
         Workflow name (default ``sub_<label>[_ses_<label>]_wf``).
 
@@ -178,7 +188,8 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
     synthesis_wf = init_synthesis_wf(
         contrasts=contrasts, anchor=anchor, models=models,
         field_bins={c: images[c].routing.bin for c in contrasts}, model_dir=model_dir,
-        device=device, storage_dtype=storage_dtype, omp_nthreads=omp_nthreads)
+        device=device, storage_dtype=storage_dtype, omp_nthreads=omp_nthreads,
+        uncertainty=uncertainty, tta=tta)
     anchor_wf = anat_wfs[anchor]
     wf.connect([
         (anchor_wf, register_wf, [("outputnode.preproc", "inputnode.anchor_preproc"),
@@ -237,7 +248,15 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
             source_file=str(img.path), anchor=anchor, anchor_relpath=a_img.relpath,
             anchor_file=str(a_img.path), routing=img.routing,
             model_provenance=models[c].provenance, storage_dtype=storage_dtype,
-            write_ref_mask=c == anchor, provenance=provenance)
+            write_ref_mask=c == anchor, provenance=provenance,
+            uncertainty=has_uncertainty(models[c], uncertainty))
+        if has_uncertainty(models[c], uncertainty):
+            wf.connect([
+                (synthesis_wf, ds_synth, [(f"outputnode.{lc}_ref_unc", "inputnode.ref_unc"),
+                                          (f"outputnode.{lc}_native_unc", "inputnode.native_unc"),
+                                          (f"outputnode.{lc}_unc_summary",
+                                           "inputnode.unc_summary")]),
+            ])
         wf.connect([
             (synthesis_wf, ds_synth, [(f"outputnode.{lc}_ref_preproc", "inputnode.ref_preproc"),
                                       (f"outputnode.{lc}_ref_synth", "inputnode.ref_synth"),

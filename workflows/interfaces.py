@@ -414,10 +414,17 @@ class _SynthesizeInputSpec(_ThreadsInputSpec):
                                    desc="other contrasts on the reference grid (multi-contrast "
                                         "models)")
     other_contrasts = traits.List(traits.Str, desc="contrast of each of other_files")
+    uncertainty = traits.Bool(False, usedefault=True,
+                              desc="also write the per-voxel uncertainty map (models with an "
+                                   "uncertainty head)")
+    tta = traits.Bool(False, usedefault=True, desc="average with the left-right flipped pass")
 
 
 class _SynthesizeOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="synthetic 7T image on the reference grid")
+    out_uncertainty = File(desc="uncertainty map on the reference grid (expected absolute "
+                                "error, [0, 1] units; 0 outside the mask)")
+    uncertainty_summary = traits.Dict(desc="sidecar summary (synth7t.uncertainty.summarise)")
 
 
 class Synthesize(SimpleInterface):
@@ -434,6 +441,7 @@ class Synthesize(SimpleInterface):
         img = _load(self.inputs.in_file)
         volume = np.asanyarray(img.dataobj, dtype=np.float32)
         mask = np.asanyarray(_load(self.inputs.mask_file).dataobj) > 0
+        unc = None
         if self.inputs.passthrough:
             out = normalise(volume, mask)
         else:
@@ -457,12 +465,30 @@ class Synthesize(SimpleInterface):
                     c: np.asanyarray(_load(f).dataobj, dtype=np.float32)
                     for c, f in zip(self.inputs.other_contrasts, self.inputs.other_files)
                 }
-            out = synth.predict(volume, mask, others=others, threads=self.inputs.omp_nthreads)
+            res = synth.predict(volume, mask, others=others, threads=self.inputs.omp_nthreads,
+                                tta=self.inputs.tta,
+                                return_uncertainty=self.inputs.uncertainty)
+            out, unc = res if self.inputs.uncertainty else (res, None)
         out = np.clip(np.nan_to_num(np.asarray(out, dtype=np.float32)), 0.0, 1.0)
         out[~mask] = 0.0
         out_file = str(Path(runtime.cwd) / f"synth7T_{self.inputs.contrast}.nii.gz")
         save_image(out, img.affine, out_file, dtype=self.inputs.storage_dtype, code=MNI_CODE)
         self._results["out_file"] = out_file
+        if self.inputs.uncertainty:
+            from synth7t.uncertainty import METHOD, METHOD_NO_TTA, summarise
+
+            if unc is None:
+                raise RuntimeError(f"model {self.inputs.model_name} for {self.inputs.contrast} "
+                                   "has no uncertainty head; run with --no-uncertainty")
+            unc = np.clip(np.nan_to_num(np.asarray(unc, dtype=np.float32)), 0.0, 1.0)
+            unc[~mask] = 0.0
+            unc_file = str(Path(runtime.cwd) / f"uncertainty_{self.inputs.contrast}.nii.gz")
+            save_image(unc, img.affine, unc_file, dtype=self.inputs.storage_dtype,
+                       code=MNI_CODE)
+            self._results["out_uncertainty"] = unc_file
+            summary = summarise(unc, mask)
+            summary["UncertaintyMethod"] = METHOD if self.inputs.tta else METHOD_NO_TTA
+            self._results["uncertainty_summary"] = summary
         return runtime
 
 

@@ -33,6 +33,7 @@ from nipype.interfaces.base import (  # noqa: E402
     BaseInterfaceInputSpec,
     SimpleInterface,
     TraitedSpec,
+    Undefined,
     isdefined,
     traits,
 )
@@ -208,6 +209,7 @@ class _SidecarMetadataInputSpec(BaseInterfaceInputSpec):
     metadata = traits.Dict(mandatory=True, desc="static sidecar content")
     skull_stripped = traits.Bool(desc="value of SkullStripped known only at run time")
     warnings = traits.List(traits.Str, desc="conform warnings to record")
+    extra = traits.Dict(desc="further run-time keys (e.g. the uncertainty summary)")
 
 
 class _SidecarMetadataOutputSpec(TraitedSpec):
@@ -226,6 +228,8 @@ class SidecarMetadata(SimpleInterface):
             meta["SkullStripped"] = bool(self.inputs.skull_stripped)
         if isdefined(self.inputs.warnings) and self.inputs.warnings:
             meta["ConformWarnings"] = list(self.inputs.warnings)
+        if isdefined(self.inputs.extra) and self.inputs.extra:
+            meta.update(self.inputs.extra)
         self._results["out_dict"] = meta
         return runtime
 
@@ -432,7 +436,7 @@ def init_ds_synthesis_wf(*, output_dir, contrast: str, source_relpath: str, sour
                          anchor: str, anchor_relpath: str, anchor_file: str, routing,
                          model_provenance: dict, storage_dtype: str = "uint16",
                          write_ref_mask: bool = False, provenance: dict | None = None,
-                         name: str | None = None):
+                         uncertainty: bool = False, name: str | None = None):
     """Store the reference-space input, the synthetic 7T image (reference and native space).
 
     Parameters
@@ -453,10 +457,15 @@ def init_ds_synthesis_wf(*, output_dir, contrast: str, source_relpath: str, sour
         Also store the reference-space brain mask (once per participant/session).
     provenance : dict, optional
         Keys added to every sidecar.
+    uncertainty : bool
+        Also store the uncertainty maps (``desc-uncertainty``, reference and native grid) and
+        put their summary into the synthetic images' sidecars.
 
     Inputs
     ------
     ref_preproc, ref_synth, native_synth, ref_mask
+    ref_unc, native_unc, unc_summary
+        With ``uncertainty``.
 
     Outputs
     -------
@@ -464,7 +473,8 @@ def init_ds_synthesis_wf(*, output_dir, contrast: str, source_relpath: str, sour
     """
     wf = pe.Workflow(name=name or f"ds_synthesis_{contrast.lower()}_wf")
     inputnode = pe.Node(niu.IdentityInterface(
-        fields=["ref_preproc", "ref_synth", "native_synth", "ref_mask"]), name="inputnode")
+        fields=["ref_preproc", "ref_synth", "native_synth", "ref_mask", "ref_unc", "native_unc",
+                "unc_summary"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["ref_synth_file", "native_synth_file"]),
                          name="outputnode")
     raw = raw_uri(source_relpath)
@@ -504,6 +514,14 @@ def init_ds_synthesis_wf(*, output_dir, contrast: str, source_relpath: str, sour
                                  f"{contrast} grid"))
     for node in (ds_ref_preproc, ds_ref_synth, ds_native_synth):
         node.inputs.source_file = source_file
+    if uncertainty:
+        _add_uncertainty_sinks(wf, inputnode, ds_ref_synth, ds_native_synth,
+                               output_dir=output_dir, contrast=contrast, raw=raw,
+                               source_file=source_file, provenance=provenance,
+                               space_meta=space_meta, model_provenance=model_provenance,
+                               ref_synth_uri=ref_synth_uri, ref_mask_uri=ref_mask_uri,
+                               native_synth_uri=deriv_uri(source_relpath, desc="synth7T"),
+                               to_native=to_native, native_mask_uri=native_mask_uri)
     wf.connect([
         (inputnode, ds_ref_preproc, [("ref_preproc", "in_file")]),
         (inputnode, ds_ref_synth, [("ref_synth", "in_file")]),
@@ -525,3 +543,48 @@ def init_ds_synthesis_wf(*, output_dir, contrast: str, source_relpath: str, sour
         ds_ref_mask.inputs.source_file = anchor_file
         wf.connect(inputnode, "ref_mask", ds_ref_mask, "in_file")
     return wf
+
+
+def _add_uncertainty_sinks(wf, inputnode, ds_ref_synth, ds_native_synth, *, output_dir,
+                           contrast, raw, source_file, provenance, space_meta, model_provenance,
+                           ref_synth_uri, ref_mask_uri, native_synth_uri, to_native,
+                           native_mask_uri):
+    """``desc-uncertainty`` maps beside the synthetic images, and the summary in their sidecars."""
+    from synth7t.uncertainty import THRESHOLD, UNITS
+
+    unc_meta = {"Units": UNITS, "UncertaintyThreshold": THRESHOLD,
+                "SynthesisModel": model_provenance,
+                "IntensityScale": "expected absolute error; exactly 0 outside the brain mask"}
+    ds_ref_unc = _sink(
+        output_dir, "ds_ref_unc", space=REF_SPACE, desc="uncertainty",
+        meta=_common(provenance, [raw, ref_synth_uri, ref_mask_uri], SkullStripped=True,
+                     **space_meta, **unc_meta,
+                     Description=f"per-voxel uncertainty of the synthetic 7T {contrast} on the "
+                                 f"{REF_SPACE} grid"))
+    ds_native_unc = _sink(
+        output_dir, "ds_native_unc", desc="uncertainty",
+        meta=_common(provenance, [raw, deriv_uri_of(ref_synth_uri, "uncertainty"), *to_native,
+                                  native_mask_uri, native_synth_uri],
+                     SkullStripped=True, **unc_meta,
+                     Description=f"per-voxel uncertainty of the synthetic 7T {contrast} resampled "
+                                 f"(linear) to the native {contrast} grid"))
+    for node in (ds_ref_unc, ds_native_unc):
+        node.inputs.source_file = source_file
+    wf.connect([
+        (inputnode, ds_ref_unc, [("ref_unc", "in_file")]),
+        (inputnode, ds_native_unc, [("native_unc", "in_file")]),
+    ])
+    # the synthetic images' sidecars gain the run-time summary (and the method used)
+    for ds in (ds_ref_synth, ds_native_synth):
+        meta = pe.Node(SidecarMetadata(metadata=dict(ds.inputs.meta_dict)),
+                       name=f"meta_{ds.name}", run_without_submitting=True)
+        ds.inputs.meta_dict = Undefined  # now set by the connection
+        wf.connect([(inputnode, meta, [("unc_summary", "extra")]),
+                    (meta, ds, [("out_dict", "meta_dict")])])
+
+
+def deriv_uri_of(uri: str, desc: str) -> str:
+    """The BIDS URI of a sibling derivative: ``desc-<old>`` replaced by ``desc-<desc>``."""
+    import re
+
+    return re.sub(r"_desc-[A-Za-z0-9]+_", f"_desc-{desc}_", uri, count=1)

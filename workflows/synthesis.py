@@ -29,6 +29,7 @@ class ModelChoice:
     passthrough: bool = False
     fallback: bool = False  # True when the baseline replaced a missing default model
     others: tuple[str, ...] = ()  # other contrasts a multi-contrast model takes as input
+    uncertainty: bool = False  # the network has an uncertainty head
 
 
 PASSTHROUGH_PROVENANCE = {
@@ -43,18 +44,25 @@ def _json_safe(obj) -> dict:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _model_others(entry) -> tuple[str, ...]:
-    """Contrasts a multi-contrast U-Net takes besides its own (from its safetensors metadata)."""
+def _unet_config(entry):
+    """The U-Net config of a registry entry (from its safetensors metadata), else ``None``."""
     if getattr(entry, "kind", None) != "unet":
-        return ()
+        return None
     try:
         from synth7t.networks import UNetConfig
-        from synth7t.registry import canonical_contrast, read_verified, safetensors_metadata
+        from synth7t.registry import read_verified, safetensors_metadata
 
-        meta = safetensors_metadata(read_verified(entry))
-        return tuple(canonical_contrast(c) for c in UNetConfig.from_json(meta["config"]).others)
+        return UNetConfig.from_json(safetensors_metadata(read_verified(entry))["config"])
     except Exception:  # noqa: BLE001 - integrity problems are reported by the caller
-        return ()
+        return None
+
+
+def _model_others(entry) -> tuple[str, ...]:
+    """Contrasts a multi-contrast U-Net takes besides its own."""
+    from synth7t.registry import canonical_contrast
+
+    cfg = _unet_config(entry)
+    return tuple(canonical_contrast(c) for c in cfg.others) if cfg is not None else ()
 
 
 def select_model(registry, contrast: str, routing, *, model_name: str = "default") -> ModelChoice:
@@ -86,7 +94,8 @@ def select_model(registry, contrast: str, routing, *, model_name: str = "default
         return ModelChoice(name=getattr(entry, "name", name) or name,
                            sha256=str(getattr(entry, "sha256", "") or ""),
                            provenance=_json_safe(prov), fallback=bool(i),
-                           others=_model_others(entry))
+                           others=_model_others(entry),
+                           uncertainty=bool(getattr(_unet_config(entry), "uncertainty", False)))
     raise ModelNotFoundError(
         f"no synthesis model for {contrast} at {bin_label(routing.bin)} "
         f"({'; '.join(errors)}); add one with --model-dir"
@@ -96,7 +105,8 @@ def select_model(registry, contrast: str, routing, *, model_name: str = "default
 def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, ModelChoice],
                       field_bins: dict[str, float], model_dir: str | None = None,
                       device: str = "auto", storage_dtype: str = "uint16",
-                      omp_nthreads: int = 1, name: str = "synthesis_wf"):
+                      omp_nthreads: int = 1, uncertainty: bool = True, tta: bool | None = None,
+                      name: str = "synthesis_wf"):
     """Synthesise 7T images: one synthesis node per contrast, models fixed at build time.
 
     Parameters
@@ -117,6 +127,11 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
         Storage of reference-grid images (``uint16``/``int16`` scaled, or ``float32``).
     omp_nthreads : int
         Threads per node.
+    uncertainty : bool
+        Write an uncertainty map for every contrast whose model has an uncertainty head
+        (:mod:`synth7t.uncertainty`).
+    tta : bool, optional
+        Left-right test-time flips (default :data:`synth7t.inference.DEFAULT_TTA`).
     name : str
         Workflow name.
 
@@ -139,7 +154,13 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
         Synthetic 7T image on the reference grid.
     <c>_native_synth
         Synthetic 7T image on the native grid of ``c``.
+    <c>_ref_unc, <c>_native_unc, <c>_unc_summary
+        Uncertainty map (reference and native grid) and its sidecar summary (contrasts with
+        :func:`has_uncertainty`).
     """
+    from synth7t.inference import DEFAULT_TTA
+
+    tta = DEFAULT_TTA if tta is None else bool(tta)
     wf = pe.Workflow(name=name)
     in_fields = ["anchor2ref", "ref2anchor", "anchor_mask"]
     out_fields = ["ref_mask"]
@@ -148,7 +169,8 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
         in_fields += [f"{lc}_preproc", f"{lc}_mask"]
         if c != anchor:
             in_fields += [f"{lc}2anchor", f"anchor2{lc}"]
-        out_fields += [f"{lc}_ref_preproc", f"{lc}_ref_synth", f"{lc}_native_synth"]
+        out_fields += [f"{lc}_ref_preproc", f"{lc}_ref_synth", f"{lc}_native_synth",
+                       f"{lc}_ref_unc", f"{lc}_native_unc", f"{lc}_unc_summary"]
     inputnode = pe.Node(niu.IdentityInterface(fields=in_fields), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=out_fields), name="outputnode")
 
@@ -166,7 +188,8 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
         synth = pe.Node(
             Synthesize(contrast=c, field_bin=float(field_bins[c]), model_name=choice.name,
                        model_sha256=choice.sha256, passthrough=choice.passthrough,
-                       device=device, storage_dtype=storage_dtype, omp_nthreads=omp_nthreads),
+                       device=device, storage_dtype=storage_dtype, omp_nthreads=omp_nthreads,
+                       uncertainty=has_uncertainty(choice, uncertainty), tta=tta),
             name=f"synthesize_{lc}", n_procs=omp_nthreads, mem_gb=3.0)
         if model_dir:
             synth.inputs.model_dir = str(model_dir)
@@ -190,11 +213,24 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
             (synth, outputnode, [("out_file", f"{lc}_ref_synth")]),
             (native, outputnode, [("out_file", f"{lc}_native_synth")]),
         ])
+        unc_native = None
+        if has_uncertainty(choice, uncertainty):
+            unc_native = pe.Node(ToNative(), name=f"unc_to_native_{lc}", mem_gb=2.0)
+            wf.connect([
+                (synth, unc_native, [("out_uncertainty", "in_file")]),
+                (inputnode, unc_native, [(f"{lc}_preproc", "reference_file"),
+                                         (f"{lc}_mask", "mask_file")]),
+                (synth, outputnode, [("out_uncertainty", f"{lc}_ref_unc"),
+                                     ("uncertainty_summary", f"{lc}_unc_summary")]),
+                (unc_native, outputnode, [("out_file", f"{lc}_native_unc")]),
+            ])
         if c == anchor:
             wf.connect([
                 (inputnode, prep, [("anchor2ref", "transforms")]),
                 (inputnode, native, [("ref2anchor", "transforms")]),
             ])
+            if unc_native is not None:
+                wf.connect(inputnode, "ref2anchor", unc_native, "transforms")
         else:
             fwd = pe.Node(niu.Merge(2), name=f"xfms_to_ref_{lc}", run_without_submitting=True)
             inv = pe.Node(niu.Merge(2), name=f"xfms_to_native_{lc}", run_without_submitting=True)
@@ -204,4 +240,11 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
                 (fwd, prep, [("out", "transforms")]),
                 (inv, native, [("out", "transforms")]),
             ])
+            if unc_native is not None:
+                wf.connect(inv, "out", unc_native, "transforms")
     return wf
+
+
+def has_uncertainty(choice: ModelChoice, requested: bool = True) -> bool:
+    """Whether an uncertainty map is written for this model choice."""
+    return bool(requested and choice.uncertainty and not choice.passthrough)

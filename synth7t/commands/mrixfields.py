@@ -47,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--batch-size", type=int, default=4, help="axial slices per forward pass")
-    p.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="left-right flip test-time augmentation (default: the shipped default, "
+                        "synth7t.inference.DEFAULT_TTA)")
+    p.add_argument("--uncertainty-dir", type=Path, default=None, metavar="DIR",
+                   help="also write each sample's uncertainty map (expected absolute error) "
+                        "into DIR, which must lie outside the output folder")
     p.add_argument("--tmp-dir", type=Path, default=None,
                    help="temporary folder for finished outputs before they are moved in "
                         "(default $SYNTH7T_TMPDIR or the system temp folder)")
@@ -130,7 +135,8 @@ def main(argv=None) -> int:
     try:
         result = MX.run(manifest, model_dir=args.model_dir, model_name=args.model_name,
                         device=args.device, threads=args.threads, batch_size=args.batch_size,
-                        tta=args.tta, tmp_dir=args.tmp_dir)
+                        tta=args.tta, tmp_dir=args.tmp_dir,
+                        uncertainty_dir=args.uncertainty_dir)
     except MX.ManifestError as exc:
         for line in exc.problems:
             _err(line)

@@ -1,0 +1,158 @@
+"""Does the uncertainty map track the real error? (prints tables; no assertions)
+
+On held-out simulated pairs of the Colin27 head (never used in training; the same anatomy,
+seeds and slab placement as ``bench_quality.py``: full-plane axial slabs spread over the central
+25-75 % of the brain's z-range), for each of the 12 (contrast, source field) pairs, with the
+shipped ``default`` model (or ``--model-dir``):
+
+* Spearman correlation, voxelwise inside the brain mask, between the predicted uncertainty and
+  the absolute error of the synthetic image against the simulated 7T target (target >= 0.4);
+* calibration: brain voxels split into 10 deciles of predicted uncertainty; the mean absolute
+  error must not decrease from one decile to the next (and the table prints both means: the
+  map is meant as an expected absolute error);
+* out of distribution: a synthetic chronic-lesion ball (radius 6 mm; T1w hypo-, T2w/FLAIR
+  hyperintense, :func:`synth7t.uncertainty.insert_lesion`) inserted into the white matter of
+  the source image; mean uncertainty in the lesion over mean uncertainty in normal white
+  matter (target >= 2).
+
+Usage::
+
+    NIPYPE_NO_ET=1 python benchmarks/bench_uncertainty.py --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_quality import CACHE, _split, colin27_simulator, find_colin27  # noqa: E402
+
+
+def lesion_ratio(synth, src: np.ndarray, mask: np.ndarray, wm: np.ndarray, contrast: str, *,
+                 tta: bool | None, threads: int) -> tuple[float, float, float]:
+    """(lesion mean uncertainty, normal-WM mean uncertainty, ratio) for one slab."""
+    from scipy import ndimage as ndi
+
+    from synth7t.uncertainty import insert_lesion
+
+    core = ndi.binary_erosion(wm & mask, iterations=6)
+    if not core.any():
+        return float("nan"), float("nan"), float("nan")
+    # the deepest white-matter voxel of the slab's middle slice
+    z = src.shape[2] // 2
+    dist = ndi.distance_transform_edt(core[:, :, z])
+    cx, cy = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    radius = 12.0  # voxels of 0.5 mm: 6 mm
+    lesioned, lesion = insert_lesion(src, wm & mask, centre=(int(cx), int(cy), z), radius=radius,
+                                     contrast=contrast)
+    _, unc = synth.predict(lesioned, mask, tta=tta, threads=threads, return_uncertainty=True)
+    far = ndi.binary_dilation(lesion, iterations=16)
+    normal = core & ~far
+    les, nor = float(unc[lesion].mean()), float(unc[normal].mean())
+    return les, nor, les / max(nor, 1e-12)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--colin-dir", type=Path)
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--slabs", type=int, default=2)
+    p.add_argument("--depth", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model-dir", type=Path)
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time flips (default: the shipped default)")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--cache", type=Path, default=CACHE)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from synth7t.fields import CONTRASTS, SUPPORTED_BINS, bin_label
+    from synth7t.inference import DEFAULT_TTA
+    from synth7t.reference import REF_SHAPE
+    from synth7t.registry import Registry, load_synthesizer
+    from synth7t.uncertainty import decile_calibration, is_monotonic, spearman
+
+    tta = DEFAULT_TTA if args.tta is None else args.tta
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    ch2, ch2bet = find_colin27(args.colin_dir)
+    sim = colin27_simulator(ch2, ch2bet, args.seed, args.cache)
+    mask0 = sim.brain_mask()
+    zs = np.flatnonzero(mask0.any(axis=(0, 1)))
+    starts = np.linspace(zs[0] + 0.25 * (zs[-1] - zs[0]), zs[0] + 0.75 * (zs[-1] - zs[0]),
+                         args.slabs).astype(int)
+    rois = [(slice(0, REF_SHAPE[0]), slice(0, REF_SHAPE[1]), slice(int(z), int(z) + args.depth))
+            for z in starts]
+    reg = Registry.load(args.model_dir)
+    rows, calib = {}, {}
+    for fb in SUPPORTED_BINS:
+        per_roi = [sim.sample_all_contrasts(field=fb, seed=args.seed + 1000 * k + int(fb * 10),
+                                            roi=roi) for k, roi in enumerate(rois)]
+        wms = [sim.anatomy.resample(roi)["WM"] > 0.9 for roi in rois]
+        for c in CONTRASTS:
+            synth = load_synthesizer(reg.get(c, fb, "default"))
+            if not synth.has_uncertainty:
+                print(f"{c}@{bin_label(fb)}: the model has no uncertainty head", file=sys.stderr)
+                return 1
+            us, es, lr = [], [], []
+            for multi, wm in zip(per_roi, wms):
+                src, tgt, mask = _split(multi, c)
+                pred, unc = synth.predict(src, mask, tta=tta, threads=args.threads,
+                                          return_uncertainty=True)
+                us.append(unc[mask])
+                es.append(np.abs(pred - tgt)[mask])
+                lr.append(lesion_ratio(synth, src, mask, wm, c, tta=tta, threads=args.threads))
+            u, e = np.concatenate(us), np.concatenate(es)
+            key = f"{c}@{bin_label(fb)}"
+            cal = decile_calibration(u, e)
+            les = float(np.nanmean([r[0] for r in lr]))
+            nor = float(np.nanmean([r[1] for r in lr]))
+            rows[key] = {"spearman": spearman(u, e), "monotonic": is_monotonic(cal),
+                         "mean_unc": float(u.mean()), "mae": float(e.mean()),
+                         "lesion_unc": les, "normal_wm_unc": nor, "lesion_ratio": les / nor}
+            calib[key] = cal
+            print(f"  {key}: rho {rows[key]['spearman']:.3f} monotonic {rows[key]['monotonic']} "
+                  f"lesion x{rows[key]['lesion_ratio']:.2f}", file=sys.stderr, flush=True)
+
+    print(f"# Uncertainty vs real error on Colin27 (never used in training), {args.slabs} "
+          f"full-plane slabs x {args.depth} slices at z = {', '.join(map(str, starts))} (central "
+          f"25-75 % of the brain), seed {args.seed}, TTA {'on' if tta else 'off'}; "
+          f"{os.cpu_count()} CPUs ({platform.machine()}), {args.threads} torch threads; "
+          f"{time.perf_counter() - t0:.0f} s")
+    print("| pair | Spearman(unc, abs err) | deciles: MAE non-decreasing | mean unc | MAE | "
+          "lesion unc / normal WM unc | targets met |")
+    print("|---|---|---|---|---|---|---|")
+    all_met = True
+    for key, r in rows.items():
+        met = r["spearman"] >= 0.4 and r["monotonic"] and r["lesion_ratio"] >= 2.0
+        all_met &= met
+        print(f"| {key} | {r['spearman']:.3f} | {'yes' if r['monotonic'] else 'no'} | "
+              f"{r['mean_unc']:.4f} | {r['mae']:.4f} | {r['lesion_ratio']:.2f} "
+              f"({r['lesion_unc']:.4f} / {r['normal_wm_unc']:.4f}) | {'yes' if met else 'no'} |")
+    print(f"\ntargets: Spearman >= 0.4, decile MAE non-decreasing, lesion >= 2x normal WM: "
+          f"{'met on all 12 pairs' if all_met else 'NOT met on every pair'}")
+    print("\n# Calibration (deciles of predicted uncertainty; mean predicted vs mean absolute "
+          "error), pooled over the 12 pairs' bins")
+    print("| decile | " + " | ".join(rows) + " |")
+    print("|---" * (1 + len(rows)) + "|")
+    for i in range(10):
+        cells = [f"{calib[k][i]['mean_uncertainty']:.4f}/{calib[k][i]['mean_abs_error']:.4f}"
+                 if i < len(calib[k]) else "" for k in rows]
+        print(f"| {i + 1} | " + " | ".join(cells) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "calibration": calib, "tta": tta,
+                                         "all_targets_met": all_met}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

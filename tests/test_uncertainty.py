@@ -1,0 +1,175 @@
+"""Per-voxel uncertainty: the estimate, its summary, the graph and the shipped model's behaviour."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from synth7t import uncertainty as U
+from synth7t.fields import route_field
+from synth7t.inference import UNetSynthesizer
+from synth7t.networks import UNet25D, UNetConfig
+from synth7t.registry import Registry, load_synthesizer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BRAINWEB = DATA / "brainweb_crisp_labels.nii.gz"
+
+
+def _net(uncertainty=True, seed=0) -> UNet25D:
+    torch.manual_seed(seed)
+    net = UNet25D(UNetConfig(base=4, n_slices=3, uncertainty=uncertainty))
+    # a non-trivial head so that the map varies with the input
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def _volume(shape=(40, 48, 12)):
+    rng = np.random.default_rng(3)
+    vol = np.clip(rng.normal(0.5, 0.15, shape), 0, 1).astype(np.float32)
+    mask = np.zeros(shape, bool)
+    mask[6:34, 8:40, 2:10] = True
+    return vol * mask, mask
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_map_is_finite_nonnegative_zero_outside_and_deterministic(tta):
+    vol, mask = _volume()
+    syn = UNetSynthesizer(_net(), contrast="T1w", field_bin=1.5)
+    pred, unc = syn.predict(vol, mask, tta=tta, return_uncertainty=True)
+    pred2, unc2 = syn.predict(vol, mask, tta=tta, return_uncertainty=True)
+    assert unc.shape == vol.shape and unc.dtype == np.float32
+    assert np.isfinite(unc).all() and (unc >= 0).all()
+    assert (unc[~mask] == 0).all() and (unc[mask] > 0).all()
+    assert pred.tobytes() == pred2.tobytes() and unc.tobytes() == unc2.tobytes()
+    # the image itself is the same with or without the uncertainty output
+    assert np.array_equal(pred, syn.predict(vol, mask, tta=tta))
+
+
+def test_flip_disagreement_adds_to_the_head():
+    vol, mask = _volume()
+    syn = UNetSynthesizer(_net(), contrast="FLAIR", field_bin=3.0)
+    _, plain = syn.predict(vol, mask, tta=False, return_uncertainty=True)
+    _, flipped = syn.predict(vol[::-1].copy(), mask[::-1].copy(), tta=False,
+                             return_uncertainty=True)
+    _, both = syn.predict(vol, mask, tta=True, return_uncertainty=True)
+    # with flips: mean of the two heads plus half the disagreement, so never below their mean
+    assert (both[mask] >= 0.5 * (plain + flipped[::-1])[mask] - 1e-6).all()
+
+
+def test_models_without_a_head_say_so():
+    vol, mask = _volume()
+    syn = UNetSynthesizer(_net(uncertainty=False), contrast="T1w", field_bin=1.5)
+    assert not syn.has_uncertainty
+    pred, unc = syn.predict(vol, mask, return_uncertainty=True)
+    assert unc is None and pred.shape == vol.shape
+    with pytest.raises(ValueError, match="no uncertainty head"):
+        _net(uncertainty=False).forward_with_uncertainty(torch.zeros(1, 3, 16, 16),
+                                                         torch.zeros(1, 7))
+
+
+def test_summary_and_statistics():
+    rng = np.random.default_rng(0)
+    unc = rng.uniform(0, 0.1, (20, 20, 5)).astype(np.float32)
+    mask = np.zeros(unc.shape, bool)
+    mask[2:18, 2:18] = True
+    s = U.summarise(unc, mask)
+    assert s["UncertaintyMeanBrain"] == pytest.approx(unc[mask].mean(), rel=1e-5)
+    assert s["UncertainShareBrain"] == pytest.approx((unc[mask] > U.THRESHOLD).mean(), rel=1e-5)
+    assert s["UncertaintyOutOfDistribution"] is (s["UncertainShareBrain"] > U.OOD_SHARE)
+    a, b = rng.normal(size=500), rng.normal(size=500)
+    b = a + 0.5 * b
+    assert U.spearman(a, b) == pytest.approx(stats.spearmanr(a, b)[0], abs=1e-9)
+    err = np.abs(rng.normal(size=5000)) * np.linspace(0.1, 1, 5000)
+    rows = U.decile_calibration(np.linspace(0.1, 1, 5000), err)
+    assert len(rows) == 10 and sum(r["voxels"] for r in rows) == 5000
+    assert not U.is_monotonic([{"mean_abs_error": 1.0}, {"mean_abs_error": 0.5}])
+
+
+def test_lesion_insertion_changes_only_the_ball():
+    img = np.full((30, 30, 10), 0.6, np.float32)
+    region = np.ones(img.shape, bool)
+    out, lesion = U.insert_lesion(img, region, centre=(15, 15, 5), radius=4, contrast="FLAIR")
+    assert lesion.sum() > 100 and out[lesion].mean() > 0.85
+    far = np.ones(img.shape, bool)
+    far[8:23, 8:23, :] = False
+    assert np.array_equal(out[far], img[far])
+
+
+# --------------------------------------------------------------------------- graph
+def _images(contrasts, field=3.0):
+    return {c: SimpleNamespace(path=Path(f"/data/bids/sub-01/anat/sub-01_{c}.nii.gz"),
+                               relpath=f"sub-01/anat/sub-01_{c}.nii.gz",
+                               routing=route_field(field, where=c)) for c in contrasts}
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_graph_writes_uncertainty_beside_each_synthetic_image(on):
+    from workflows import base
+    from workflows.synthesis import ModelChoice
+
+    imgs = _images(("T1w", "FLAIR"))
+    models = {c: ModelChoice("default", "ab" * 32, {"Name": "default"}, uncertainty=True)
+              for c in imgs}
+    wf = base.init_single_subject_wf(subject_id="01", images=imgs, output_dir="/out",
+                                     models=models, uncertainty=on)
+    names = wf.list_node_names()
+    for lc in ("t1w", "flair"):
+        assert (f"ds_synthesis_{lc}_wf.ds_ref_unc" in names) is on
+        assert (f"ds_synthesis_{lc}_wf.ds_native_unc" in names) is on
+        assert (f"synthesis_wf.unc_to_native_{lc}" in names) is on
+        assert wf.get_node(f"synthesis_wf.synthesize_{lc}").interface.inputs.uncertainty is on
+    if on:
+        ds = wf.get_node("ds_synthesis_flair_wf.ds_native_unc").interface
+        assert ds.inputs.desc == "uncertainty"
+        meta = ds.inputs.meta_dict
+        assert meta["Units"].startswith("expected absolute error")
+        assert "bids::sub-01/anat/sub-01_space-MRIxFields_desc-uncertainty_FLAIR.nii.gz" \
+            in meta["Sources"]
+        assert meta["Sources"][0] == "bids:raw:sub-01/anat/sub-01_FLAIR.nii.gz"
+        static = wf.get_node("ds_synthesis_flair_wf.meta_ds_ref_synth").interface.inputs.metadata
+        assert static["MagneticFieldStrength"] == 7
+
+
+def test_summary_reaches_the_synthetic_sidecar():
+    from workflows.outputs import SidecarMetadata
+
+    res = SidecarMetadata(metadata={"A": 1}, extra={"UncertaintyMeanBrain": 0.01}).run()
+    assert res.outputs.out_dict == {"A": 1, "UncertaintyMeanBrain": 0.01}
+
+
+# --------------------------------------------------------------------------- shipped model
+def _shipped(contrast, field):
+    syn = load_synthesizer(Registry.load().get(contrast, field))
+    if not syn.has_uncertainty:
+        pytest.fail("the shipped default model has no uncertainty head")
+    return syn
+
+
+@pytest.mark.parametrize("contrast", ["T1w", "FLAIR"])
+def test_unseen_lesion_is_flagged(contrast):
+    """A lesion no training brain contained: mean uncertainty >= 2x normal white matter."""
+    from scipy import ndimage as ndi
+
+    from synth7t.simulate import Simulator
+
+    sim = Simulator.from_labels(str(BRAINWEB))  # Colin27: never used in training
+    roi = (slice(60, 300), slice(80, 360), slice(200, 216))
+    out = sim.sample(contrast, 1.5, seed=11, roi=roi)
+    src, mask = out["source"], out["mask"]
+    wm = sim.anatomy.resample(roi)["WM"] > 0.9
+    core = ndi.binary_erosion(wm & mask, iterations=6)
+    dist = ndi.distance_transform_edt(core[:, :, 8])
+    cx, cy = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    lesioned, lesion = U.insert_lesion(src, wm & mask, centre=(int(cx), int(cy), 8), radius=12,
+                                       contrast=contrast)
+    syn = _shipped(contrast, 1.5)
+    _, unc = syn.predict(lesioned, mask, return_uncertainty=True, threads=1)
+    normal = core & ~ndi.binary_dilation(lesion, iterations=16)
+    ratio = unc[lesion].mean() / unc[normal].mean()
+    assert ratio >= 2.0, ratio
