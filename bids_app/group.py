@@ -30,8 +30,8 @@ used). ``|z| > 3`` flags the value.
 Participants present in ``bids_dir`` without a run record are listed as ``not run``; run records
 of participants no longer in ``bids_dir`` are kept and said so. A partially finished study is the
 normal case: the page and the log say what is missing, and the exit code is 0 as long as the
-three files were written (66 when there is nothing at all to report, 73 when they cannot be
-written).
+three files were written (66 when there is nothing at all to report, 18 when a
+``--participant-label`` matches nothing, 73 when they cannot be written).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .exitcodes import EX_CANTCREAT, EX_NOINPUT, EX_OK, Synth7tExit
+from .exitcodes import EX_CANTCREAT, EX_NO_MATCH, EX_NOINPUT, EX_OK, Synth7tExit
 
 LOGGER = logging.getLogger("synth7t")
 
@@ -746,6 +746,13 @@ def run_group(opts, argv: list[str] | None = None) -> int:
     if not Path(bids_dir).is_dir():
         LOGGER.warning("the BIDS dataset %s does not exist: participants that were never run "
                        "cannot be listed", bids_dir)
+    if opts.participant_label:
+        known = set(read_records(out_dir, opts.participant_label)) | set(
+            dataset_sessions(bids_dir, opts.participant_label))
+        unknown = [f"sub-{p}" for p in opts.participant_label if p not in known]
+        if unknown:
+            raise Synth7tExit(EX_NO_MATCH, "participant label(s) matched nothing in "
+                              f"{bids_dir} or {out_dir / 'logs'}: {', '.join(unknown)}")
     res = build_group(out_dir, bids_dir, opts.participant_label)
     for name in res["missing"]["not_run"]:
         LOGGER.warning("%s: not run yet (no run record)", name)

@@ -226,6 +226,8 @@ def test_group_participant_label_and_missing(capsys, tmp_path):
     rows = _tsv(out / "group_qc.tsv")
     assert [(r["participant_id"], r["status"]) for r in rows] == [("sub-001", "ok"),
                                                                   ("sub-007", "not run")]
+    code, text = _main(capsys, bids, out, "group", "--participant-label", "001", "nobody")
+    assert code == EX_NO_MATCH and "sub-nobody" in text
     # no derivatives at all: 66, nothing written
     code, text = _main(capsys, bids, tmp_path / "nothing", "group")
     assert code == EX_NOINPUT and "participant level first" in text
