@@ -113,8 +113,10 @@ def check_resume_continues(out, args: list[str], *, done: int, total: int) -> No
       then counts ``total`` steps, and the loss history of the first part is kept unchanged.
     """
     from safetensors.torch import load_file
-    from torch.optim.optimizer import (register_optimizer_step_post_hook,
-                                       register_optimizer_step_pre_hook)
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
 
     ckpt = out / "checkpoints"
     state0 = json.loads((ckpt / "state.json").read_text())
