@@ -14,6 +14,7 @@ from .exitcodes import EX_BAD_ANALYSIS_LEVEL, EX_USAGE, Synth7tExit
 
 ANALYSIS_LEVELS = ("participant", "group")
 SKULL_STRIP_MODES = ("auto", "force", "skip")
+BRAIN_EXTRACTION_METHODS = ("deep", "template")
 DEVICES = ("auto", "cpu", "cuda")
 OUTPUT_DTYPES = ("uint16", "int16", "float32")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
@@ -211,8 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
              "force: always skull-strip; skip: treat inputs as brain-extracted",
     )
     g_app.add_argument(
+        "--brain-extraction", "--brain_extraction", dest="brain_extraction",
+        choices=BRAIN_EXTRACTION_METHODS, default="deep",
+        help="deep (default): deepbet 1.0.2 network (weights SHA-256-checked, any contrast, "
+             "--device/--omp-nthreads as synthesis); template: Colin27 head registered to the "
+             "subject, its brain mask warped back (no network; T1w-like input; cuts cortex on "
+             "some real heads, see the README)",
+    )
+    g_app.add_argument(
         "--device", choices=DEVICES, default="auto",
-        help="device for the synthesis networks",
+        help="device for the synthesis networks and the deep brain extraction",
     )
     g_app.add_argument(
         "--model-dir", "--model_dir", dest="model_dir", type=Path, metavar="DIR",

@@ -270,6 +270,7 @@ def describe_run(st: RunState, config_file: Path) -> tuple[dict, dict]:
         "work_dir": str(opts.work_dir), "command": ["synth7t", *st.argv],
         "options": {"random_seed": opts.random_seed, "nprocs": opts.nprocs,
                     "omp_nthreads": opts.omp_nthreads, "skull_strip": opts.skull_strip,
+                    "brain_extraction": getattr(opts, "brain_extraction", "deep"),
                     "contrasts": " ".join(opts.contrasts), "device": opts.device,
                     "output_dtype": opts.output_dtype,
                     "field_strength": opts.field_strength, "plugin": st.plugin["plugin"]},

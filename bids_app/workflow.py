@@ -197,9 +197,18 @@ def run_graph(items, models, opts, plugin, provenance, log_dir: Path, t_start: f
         "monitoring": {"enabled": False},
     })
     t0 = time.monotonic()
+    brain_extraction = getattr(opts, "brain_extraction", "deep")
+    if brain_extraction == "deep" and opts.skull_strip != "skip":
+        from synth7t.brain_extraction import EngineIntegrityError, verify_engine
+
+        try:  # tampered or missing engine weights: refuse before any work
+            verify_engine()
+        except EngineIntegrityError as exc:
+            raise Synth7tExit(EX_DATAERR, f"brain extraction refused: {exc}") from None
     wf = init_synth7t_wf(
         sessions=items, models=models, output_dir=opts.output_dir,
-        skull_strip=opts.skull_strip, model_dir=opts.model_dir, device=opts.device,
+        skull_strip=opts.skull_strip, brain_extraction=brain_extraction,
+        model_dir=opts.model_dir, device=opts.device,
         storage_dtype=opts.output_dtype, omp_nthreads=opts.omp_nthreads,
         seed=opts.random_seed, provenance=provenance,
         uncertainty=getattr(opts, "uncertainty", True), tta=getattr(opts, "tta", None),

@@ -1,4 +1,4 @@
-"""Anatomical preprocessing: conform, N4 bias-field correction, skull stripping."""
+"""Anatomical preprocessing: conform, N4 bias-field correction, brain extraction."""
 from __future__ import annotations
 
 from nipype.interfaces import utility as niu
@@ -9,7 +9,8 @@ from .interfaces import (ANTS_NTHREADS, Conform, DetectSkullStripped, N4BiasFiel
 
 
 def init_anat_preproc_wf(*, contrast: str, skull_strip: str = "auto", is_anchor: bool = True,
-                         seed: int = 0, name: str | None = None):
+                         brain_extraction: str = "deep", device: str = "auto",
+                         omp_nthreads: int = 1, seed: int = 0, name: str | None = None):
     """Conform, bias-correct and (for the anatomical reference) brain-extract one image.
 
     The anatomical reference (``is_anchor``; T1w when present) is skull-stripped here; the
@@ -25,6 +26,13 @@ def init_anat_preproc_wf(*, contrast: str, skull_strip: str = "auto", is_anchor:
         ``auto`` (detect brain-extracted input), ``force`` or ``skip``.
     is_anchor : bool
         Whether this image is the anatomical reference.
+    brain_extraction : str
+        ``deep`` (default; :mod:`synth7t.brain_extraction`, any contrast) or ``template``
+        (Colin27 registration).
+    device : str
+        Torch device of the deep engine (``auto``, ``cpu``, ``cuda``), as for synthesis.
+    omp_nthreads : int
+        Torch threads of the deep engine (the node reserves that many CPUs).
     seed : int
         Random seed for brain extraction.
     name : str, optional
@@ -45,13 +53,16 @@ def init_anat_preproc_wf(*, contrast: str, skull_strip: str = "auto", is_anchor:
         Brain mask (reference only).
     input_stripped
         Whether the input was already brain-extracted.
+    bet_provenance
+        ``BrainExtraction`` entry of what ran (reference only).
     warnings
         Header repairs made by conform.
     """
     wf = pe.Workflow(name=name or f"anat_preproc_{contrast.lower()}_wf")
     inputnode = pe.Node(niu.IdentityInterface(fields=["in_file"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
-        fields=["preproc", "brain", "mask", "input_stripped", "warnings"]), name="outputnode")
+        fields=["preproc", "brain", "mask", "input_stripped", "warnings", "bet_provenance"]),
+        name="outputnode")
 
     conform = pe.Node(Conform(), name="conform", mem_gb=0.5)
     n4 = pe.Node(N4BiasFieldCorrection(omp_nthreads=ANTS_NTHREADS), name="n4",
@@ -63,12 +74,16 @@ def init_anat_preproc_wf(*, contrast: str, skull_strip: str = "auto", is_anchor:
         (n4, outputnode, [("out_file", "preproc")]),
     ])
     if is_anchor:
-        strip = pe.Node(SkullStrip(mode=skull_strip, omp_nthreads=ANTS_NTHREADS, seed=seed),
-                        name="skull_strip", n_procs=ANTS_NTHREADS, mem_gb=1.5)
+        deep = brain_extraction == "deep"
+        threads = max(1, int(omp_nthreads)) if deep else ANTS_NTHREADS
+        strip = pe.Node(SkullStrip(mode=skull_strip, method=brain_extraction, device=device,
+                                   omp_nthreads=threads, ants_nthreads=ANTS_NTHREADS, seed=seed),
+                        name="skull_strip", n_procs=threads, mem_gb=2.5 if deep else 1.5)
         wf.connect([
             (n4, strip, [("out_file", "in_file")]),
             (strip, outputnode, [("out_file", "brain"), ("out_mask", "mask"),
-                                 ("input_stripped", "input_stripped")]),
+                                 ("input_stripped", "input_stripped"),
+                                 ("provenance", "bet_provenance")]),
         ])
     else:
         detect = pe.Node(DetectSkullStripped(mode=skull_strip), name="detect_skull_stripped",

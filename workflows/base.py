@@ -32,7 +32,8 @@ def load_registry(model_dir=None):
     return Registry.load(str(model_dir) if model_dir else None)
 
 
-def init_synth7t_wf(*, sessions, output_dir, skull_strip: str = "auto", registry=None,
+def init_synth7t_wf(*, sessions, output_dir, skull_strip: str = "auto",
+                    brain_extraction: str = "deep", registry=None,
                     models: dict | None = None, model_dir=None, model_name: str = "default",
                     device: str = "auto", storage_dtype: str = "uint16", omp_nthreads: int = 1,
                     seed: int = 0, provenance: dict | None = None, uncertainty: bool = True,
@@ -50,6 +51,8 @@ def init_synth7t_wf(*, sessions, output_dir, skull_strip: str = "auto", registry
         Root of the derivatives dataset.
     skull_strip : str
         ``auto``, ``force`` or ``skip``.
+    brain_extraction : str
+        ``deep`` (default) or ``template`` (``--brain-extraction``).
     registry : synth7t.registry.Registry, optional
         Model registry (loaded from ``model_dir`` when omitted and ``models`` is not given).
     models : dict, optional
@@ -92,8 +95,8 @@ def init_synth7t_wf(*, sessions, output_dir, skull_strip: str = "auto", registry
         sub_models = (models or {}).get((item.subject, item.session))
         wf.add_nodes([init_single_subject_wf(
             subject_id=item.subject, session_id=item.session, images=item.images,
-            output_dir=output_dir, skull_strip=skull_strip, registry=registry,
-            models=sub_models, model_dir=model_dir, model_name=model_name, device=device,
+            output_dir=output_dir, skull_strip=skull_strip, brain_extraction=brain_extraction,
+            registry=registry, models=sub_models, model_dir=model_dir, model_name=model_name, device=device,
             storage_dtype=storage_dtype, omp_nthreads=omp_nthreads, seed=seed,
             provenance=provenance, uncertainty=uncertainty, tta=tta,
         )])
@@ -101,7 +104,8 @@ def init_synth7t_wf(*, sessions, output_dir, skull_strip: str = "auto", registry
 
 
 def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, images: dict,
-                           output_dir, skull_strip: str = "auto", registry=None,
+                           output_dir, skull_strip: str = "auto",
+                           brain_extraction: str = "deep", registry=None,
                            models: dict[str, ModelChoice] | None = None, model_dir=None,
                            model_name: str = "default", device: str = "auto",
                            storage_dtype: str = "uint16", omp_nthreads: int = 1, seed: int = 0,
@@ -110,7 +114,8 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
     """Build the graph of one participant (and session).
 
     The anatomical reference ("anchor") is the T1w when present, else the first of T2w, FLAIR.
-    It is conformed, bias-corrected, skull-stripped and registered to MRIxFields; the other
+    It is conformed, bias-corrected, brain-extracted (from its own contrast: a T2w- or
+    FLAIR-only session gets its mask from that image) and registered to MRIxFields; the other
     contrasts are registered rigidly to it and inherit its brain mask. Every contrast is then
     synthesised on the reference grid and brought back to its native grid.
 
@@ -126,6 +131,8 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
         Root of the derivatives dataset.
     skull_strip : str
         ``auto``, ``force`` or ``skip``.
+    brain_extraction : str
+        ``deep`` (default; any contrast) or ``template``.
     registry : synth7t.registry.Registry, optional
         Model registry; required unless ``models`` is given or every input is at 7 T.
     models : dict, optional
@@ -172,6 +179,11 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
                   for c in contrasts}
     output_dir = str(Path(output_dir).absolute())
     wf = pe.Workflow(name=name or subject_wf_name(subject_id, session_id))
+    if skull_strip != "skip":
+        # engine, version and weights SHA-256 in every sidecar (mask, preproc, synthetic images)
+        from synth7t.brain_extraction import engine_provenance
+
+        provenance = {**(provenance or {}), "BrainExtraction": engine_provenance(brain_extraction)}
 
     inputnode = pe.Node(niu.IdentityInterface(fields=[c.lower() for c in contrasts]),
                         name="inputnode")
@@ -181,7 +193,9 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
     anat_wfs = {}
     for c in contrasts:
         anat_wfs[c] = init_anat_preproc_wf(contrast=c, skull_strip=skull_strip,
-                                           is_anchor=c == anchor, seed=seed)
+                                           is_anchor=c == anchor,
+                                           brain_extraction=brain_extraction, device=device,
+                                           omp_nthreads=omp_nthreads, seed=seed)
         wf.connect(inputnode, c.lower(), anat_wfs[c], "inputnode.in_file")
 
     register_wf = init_register_wf(anchor=anchor, others=others, seed=seed)

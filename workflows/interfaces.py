@@ -150,6 +150,13 @@ class _SkullStripInputSpec(_ThreadsInputSpec):
     mode = traits.Enum("auto", "force", "skip", usedefault=True,
                        desc="auto: detect brain-extracted input; force: always strip; "
                             "skip: trust the input is brain-extracted")
+    method = traits.Enum("deep", "template", usedefault=True,
+                         desc="deep: deep-learning engine (synth7t.brain_extraction); "
+                              "template: Colin27 registration")
+    device = traits.Enum("auto", "cpu", "cuda", usedefault=True, nohash=True,
+                         desc="torch device of the deep engine (does not affect the cache)")
+    ants_nthreads = traits.Int(ANTS_NTHREADS, usedefault=True, nohash=True,
+                               desc="ITK threads of the template method")
     seed = traits.Int(0, usedefault=True, desc="random seed")
 
 
@@ -157,10 +164,13 @@ class _SkullStripOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="brain-extracted image")
     out_mask = File(exists=True, desc="brain mask (uint8)")
     input_stripped = traits.Bool(desc="the input was already brain-extracted")
+    provenance = traits.Dict(desc="BrainExtraction sidecar entry of what ran")
 
 
 class SkullStrip(SimpleInterface):
-    """Brain extraction (:func:`synth7t.preprocess.skull_strip`), honouring ``--skull-strip``."""
+    """Brain extraction (:func:`synth7t.brain_extraction.extract_brain`), honouring
+    ``--skull-strip`` and ``--brain-extraction``; ``omp_nthreads`` are the torch threads of the
+    deep engine (ITK threads of the template method: ``ants_nthreads``)."""
 
     input_spec = _SkullStripInputSpec
     output_spec = _SkullStripOutputSpec
@@ -168,25 +178,37 @@ class SkullStrip(SimpleInterface):
     def _run_interface(self, runtime):
         import numpy as np
 
+        from synth7t.brain_extraction import extract_brain, verify_engine
+
+        if self.inputs.method == "deep":
+            verify_engine()  # tampered weights are refused before any work
         img = _load(self.inputs.in_file)
         stripped = _is_stripped(img, self.inputs.mode)
         if stripped:
             mask = _mask_from_nonzero(img)
+            prov = {"Method": "none", "Description": "input already brain-extracted: mask = "
+                                                     "non-zero voxels, holes filled"}
         else:
-            from synth7t.preprocess import skull_strip
-
-            _, mask_img = skull_strip(img, threads=self.inputs.omp_nthreads,
-                                      seed=self.inputs.seed)
+            res = extract_brain(img, method=self.inputs.method, device=self.inputs.device,
+                                threads=self.inputs.omp_nthreads, seed=self.inputs.seed,
+                                ants_threads=self.inputs.ants_nthreads)
+            mask_img = res.mask
             mask = np.asanyarray(mask_img.dataobj) > 0
             if mask.shape != img.shape[:3] or not np.allclose(mask_img.affine, img.affine,
                                                               atol=1e-3):
-                raise RuntimeError("skull_strip returned a mask on another grid than its input")
+                raise RuntimeError("brain extraction returned a mask on another grid than its "
+                                   "input")
+            prov = dict(res.provenance, Seconds=round(res.seconds, 1))
+            LOGGER.info("brain extraction (%s) of %s: %.1f s, %.0f mL", self.inputs.method,
+                        Path(self.inputs.in_file).name, res.seconds,
+                        mask.sum() * float(np.prod(img.header.get_zooms()[:3])) / 1000)
         brain_data = np.asanyarray(img.dataobj).astype(np.float32) * mask
         out_file = _out(runtime, self.inputs.in_file, "brain")
         out_mask = _out(runtime, self.inputs.in_file, "mask")
         save_image(brain_data, img.affine, out_file, dtype="float32", code=SCANNER_CODE)
         save_image(mask, img.affine, out_mask, dtype="uint8", code=SCANNER_CODE)
-        self._results.update(out_file=out_file, out_mask=out_mask, input_stripped=stripped)
+        self._results.update(out_file=out_file, out_mask=out_mask, input_stripped=stripped,
+                             provenance=prov)
         return runtime
 
 
@@ -315,22 +337,27 @@ class _MaskOutputSpec(TraitedSpec):
 
 
 class MaskToReference(SimpleInterface):
-    """Resample a brain mask into the 0.5 mm reference grid (uint8, MNI sform)."""
+    """Resample a brain mask into the 0.5 mm reference grid (uint8, MNI sform).
+
+    Shape-based interpolation (:func:`synth7t.brain_extraction.resample_mask`): the mask's
+    signed distance map is resampled linearly and its zero level taken, then the largest
+    component kept and holes filled, so thick native slices leave no staircase on the 0.5 mm
+    grid.
+    """
 
     input_spec = _MaskToReferenceInputSpec
     output_spec = _MaskOutputSpec
 
     def _run_interface(self, runtime):
-        import numpy as np
-
+        from synth7t.brain_extraction import resample_mask
         from synth7t.preprocess import to_reference
+        from synth7t.reference import REF_AFFINE
 
-        mask = _load(self.inputs.in_mask)
-        mask = mask.__class__(np.asanyarray(mask.dataobj).astype("float32"), mask.affine)
-        out = to_reference(mask, list(self.inputs.transforms), interpolation="linear")
+        tlist = list(self.inputs.transforms)
+        mask = resample_mask(_load(self.inputs.in_mask),
+                             lambda img: to_reference(img, tlist, interpolation="linear"))
         out_mask = _out(runtime, self.inputs.in_mask, "ref")
-        save_image(np.asanyarray(out.dataobj) >= 0.5, out.affine, out_mask, dtype="uint8",
-                   code=MNI_CODE)
+        save_image(mask, REF_AFFINE, out_mask, dtype="uint8", code=MNI_CODE)
         self._results["out_mask"] = out_mask
         return runtime
 
@@ -343,22 +370,22 @@ class _MaskToNativeInputSpec(BaseInterfaceInputSpec):
 
 
 class MaskToNative(SimpleInterface):
-    """Resample a mask onto another native grid (:func:`synth7t.preprocess.to_native`)."""
+    """Resample a mask onto another native grid (:func:`synth7t.preprocess.to_native`), by
+    shape-based interpolation as :class:`MaskToReference`."""
 
     input_spec = _MaskToNativeInputSpec
     output_spec = _MaskOutputSpec
 
     def _run_interface(self, runtime):
-        import numpy as np
-
+        from synth7t.brain_extraction import resample_mask
         from synth7t.preprocess import to_native
 
-        mask = _load(self.inputs.in_mask)
-        mask = mask.__class__(np.asanyarray(mask.dataobj).astype("float32"), mask.affine)
         ref = _load(self.inputs.reference_file)
-        out = to_native(mask, ref, list(self.inputs.transforms), interpolation="linear")
+        tlist = list(self.inputs.transforms)
+        mask = resample_mask(_load(self.inputs.in_mask),
+                             lambda img: to_native(img, ref, tlist, interpolation="linear"))
         out_mask = _out(runtime, self.inputs.reference_file, "mask")
-        save_image(np.asanyarray(out.dataobj) >= 0.5, ref.affine, out_mask, dtype="uint8",
+        save_image(mask, ref.affine, out_mask, dtype="uint8",
                    code=ALIGNED_CODE)  # stored as space-<contrast>: "aligned" xform code
         self._results["out_mask"] = out_mask
         return runtime
