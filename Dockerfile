@@ -70,28 +70,40 @@ RUN set -eux; \
     rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
 
 WORKDIR /opt/synth7t
-# The models first, verified (SHA-256, standard library only) before the slow install: a modified
-# or corrupted weight file fails the build here, in seconds.
-COPY scripts/ ./scripts/
+# 1. The dependencies (torch first, pinned; then setup.cfg's install_requires) through the one
+#    install path, before any source is copied: this heavy layer is rebuilt only when setup.cfg
+#    or scripts/install.sh change. pip's cache lives in a build cache mount (reused by the next
+#    build, never part of the image).
+COPY setup.cfg pyproject.toml ./
+COPY scripts/install.sh scripts/verify_models.py ./scripts/
+RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked set -eux; \
+    [ -n "${PIP_CERT}" ] || unset PIP_CERT; \
+    [ -n "${PIP_FIND_LINKS}" ] || unset PIP_FIND_LINKS; \
+    if [ -n "${TORCH_INDEX_URL}" ]; then export PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL}"; fi; \
+    TORCH_SPEC="${TORCH_SPEC}" PYTHON=python3 bash scripts/install.sh /opt/venv --deps-only; \
+    find /opt/venv -name '__pycache__' -path '*/tests/*' -prune -exec rm -rf {} + ; \
+    chmod -R a+rX /opt/venv
+
+# 2. The models, verified (SHA-256, standard library only) before anything else is copied: a
+#    modified or corrupted weight file fails the build here, in seconds.
 COPY synth7t/models/ ./synth7t/models/
 RUN python3 scripts/verify_models.py synth7t/models
 
-# Only what the install needs (see .dockerignore): package sources, package data, install script.
-COPY setup.cfg pyproject.toml README.md ./
+# 3. The package (see .dockerignore: sources, package data, scripts), installed by the same
+#    script; the dependencies are already there, so this step is short.
+COPY README.md ./
+COPY scripts/ ./scripts/
 COPY synth7t/ ./synth7t/
 COPY workflows/ ./workflows/
 COPY bids_app/ ./bids_app/
-
-# The one install path (torch first, pinned), into a venv. pip's cache lives in a build cache
-# mount (reused by the next build, never part of the image).
 RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked set -eux; \
     [ -n "${PIP_CERT}" ] || unset PIP_CERT; \
     [ -n "${PIP_FIND_LINKS}" ] || unset PIP_FIND_LINKS; \
     if [ -n "${TORCH_INDEX_URL}" ]; then export PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL}"; fi; \
     TORCH_SPEC="${TORCH_SPEC}" PYTHON=python3 bash scripts/install.sh /opt/venv; \
     /opt/venv/bin/python -m compileall -q /opt/synth7t; \
-    find /opt/venv -name '__pycache__' -path '*/tests/*' -prune -exec rm -rf {} + ; \
-    chmod -R a+rX /opt/synth7t /opt/venv
+    chmod -R a+rX /opt/synth7t; \
+    find /opt/venv ! -perm -a+r -exec chmod a+rX {} +
 
 ENV PATH=/opt/venv/bin:${PATH} \
     PIP_NO_CACHE_DIR=1 \

@@ -177,9 +177,12 @@ def test_ci_run_installs_through_install_sh():
 
 def test_dockerfile_verifies_models_before_the_install():
     text = (REPO / "Dockerfile").read_text()
+    # models copied and verified before the package sources are copied and installed
+    models = re.search(r"^COPY synth7t/models/ ", text, re.M)
     verify = re.search(r"^RUN python3 scripts/verify_models\.py", text, re.M)
-    install = re.search(r"^RUN\b.*\n(?:.*\\\n)*.*scripts/install\.sh", text, re.M)
-    assert verify and install and verify.start() < install.start()
+    sources = re.search(r"^COPY synth7t/ ", text, re.M)
+    assert models and verify and sources and models.start() < verify.start() < sources.start()
+    assert "scripts/install.sh /opt/venv --deps-only" in text[:models.start()]
     for arg in ("PIP_CERT", "PIP_FIND_LINKS", "TORCH_INDEX_URL", "BASE_IMAGE"):
         assert re.search(rf"^ARG {arg}=", text, re.M), arg
     sdef = (REPO / "Singularity.def").read_text()
