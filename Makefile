@@ -1,13 +1,14 @@
 # Two targets do the whole set-up on a fresh machine:
 #   make demo   create .venv, install synth7t, build a demo BIDS dataset from shipped data, run it
 #   make test   create .venv, install synth7t with test extras, run the test suite
+#   make image  build the container image (scripts/build_image.sh)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
 export NIPYPE_NO_ET := 1
 export TEMPLATEFLOW_AUTOUPDATE := 0
 
-.PHONY: install install-test demo test test-fast clean
+.PHONY: install install-test demo test test-fast image clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
@@ -31,6 +32,10 @@ test: install-test
 
 test-fast: install-test
 	$(PY) -m pytest tests -m "not slow and not slurm and not browser" -q
+
+# the container image synth7t:<version> (podman or docker; see scripts/build_image.sh --help)
+image:
+	bash scripts/build_image.sh
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)
