@@ -34,6 +34,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_quality import CACHE, _split, colin27_simulator, find_colin27  # noqa: E402
 
+#: in-plane 3x3 neighbourhood: slabs are only a few slices deep
+INPLANE = np.ones((3, 3, 1), bool)
+
 
 def lesion_ratio(synth, src: np.ndarray, mask: np.ndarray, wm: np.ndarray, contrast: str, *,
                  tta: bool | None, threads: int) -> tuple[float, float, float]:
@@ -42,7 +45,7 @@ def lesion_ratio(synth, src: np.ndarray, mask: np.ndarray, wm: np.ndarray, contr
 
     from synth7t.uncertainty import insert_lesion
 
-    core = ndi.binary_erosion(wm & mask, iterations=6)
+    core = ndi.binary_erosion(wm & mask, structure=INPLANE, iterations=6)
     if not core.any():
         return float("nan"), float("nan"), float("nan")
     # the deepest white-matter voxel of the slab's middle slice
@@ -53,7 +56,7 @@ def lesion_ratio(synth, src: np.ndarray, mask: np.ndarray, wm: np.ndarray, contr
     lesioned, lesion = insert_lesion(src, wm & mask, centre=(int(cx), int(cy), z), radius=radius,
                                      contrast=contrast)
     _, unc = synth.predict(lesioned, mask, tta=tta, threads=threads, return_uncertainty=True)
-    far = ndi.binary_dilation(lesion, iterations=16)
+    far = ndi.binary_dilation(lesion, structure=INPLANE, iterations=16)
     normal = core & ~far
     les, nor = float(unc[lesion].mean()), float(unc[normal].mean())
     return les, nor, les / max(nor, 1e-12)

@@ -31,7 +31,9 @@ LOG = logging.getLogger(__name__)
 
 Roi = tuple[slice, slice, slice]
 
-BRAIN_TISSUES: tuple[str, ...] = ("CSF", "GM", "WM", "caudate", "putamen", "thalamus", "pallidum")
+#: ``lesion``: random pathology-like blobs added by training-time domain randomisation only.
+BRAIN_TISSUES: tuple[str, ...] = ("CSF", "GM", "WM", "caudate", "putamen", "thalamus", "pallidum",
+                                  "lesion")
 HEAD_TISSUES: tuple[str, ...] = ("fat", "muscle", "skin", "skull", "connective")
 
 #: BrainWeb crisp labels (see ../shared/data/README.md) -> simulator tissue. Glial matter (8) is

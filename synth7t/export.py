@@ -173,14 +173,18 @@ def simulator_params(sim=None, *, slabs: int = 4, depth: int = 8, seed: int = 0)
 
 #: Limits every card of a model trained on the simulator must state (FIELD_PHYSICS.md).
 SIMULATION_LIMITS = [
-    "Trained only on simulated pairs (first-order signal model, ICBM152 anatomy); fine-tune on "
-    "real pairs (synth7t-train --init-from default --mrixfields/--bids) where they exist.",
-    "FLAIR: with the FIELD_PHYSICS.md T2 values the inversion-recovery model makes WM about as "
-    "bright as GM at 3 T and brighter than GM at 7 T, whereas clinical FLAIR shows GM slightly "
-    "brighter than WM (magnetisation transfer and multi-compartment WM T2 are not modelled); the "
-    "synthetic 7T FLAIR inherits this.",
+    "Trained only on simulated pairs (first-order signal model; ICBM152 and two real 3 T heads "
+    "as anatomies, domain-randomised); fine-tune on real pairs (synth7t-train --init-from "
+    "default --mrixfields/--bids) where they exist.",
+    "FLAIR/T2w: GM/WM contrast comes from the design table's relaxation times plus a sourced "
+    "first-order correction (invisible myelin water, incidental magnetisation transfer under the "
+    "TSE refocusing train; physics.json tse_signal_modifiers); real 7T FLAIR contrast also "
+    "depends on the vendor's variable-flip-angle train, which is not modelled.",
     "0.1 T inputs carry little fine detail; the model is trained to be faithful (L1 + SSIM to the "
     "simulated target), not to invent detail.",
+    "The uncertainty map is the network's own estimate of its expected absolute error on "
+    "simulated data (plus the test-time flips' disagreement when on): it tracks the real error "
+    "on held-out simulated anatomy and rises on unseen lesions, but it is not a guarantee.",
 ]
 
 

@@ -191,11 +191,16 @@ class RandomAnatomies:
     reuse
         Slabs rendered from one drawn brain before the next is drawn (each slab still has its
         own deformation, box, contrast, field, protocol and noise); drawing costs seconds.
+    lesion_probability
+        Chance that a brain gets 1-4 pathology-like blobs in its white matter: a ``lesion``
+        tissue whose PD/T1/T2 are drawn per brain from the wide ranges of ``physics.json``
+        (rendered consistently in source and 7T target), so the network learns to keep tissue it
+        cannot name and its uncertainty head learns that such tissue is hard to predict.
     """
 
     def __init__(self, anatomies: Sequence, *, weights: Sequence[float] | None = None,
                  physics=None, label_perturbation: float = 0.5, texture_std: float = 0.04,
-                 jitter: bool = True, reuse: int = 4) -> None:
+                 jitter: bool = True, reuse: int = 4, lesion_probability: float = 0.5) -> None:
         from .physics import Physics
 
         if not anatomies:
@@ -208,6 +213,7 @@ class RandomAnatomies:
         self.texture_std = float(texture_std)
         self.jitter = jitter
         self.reuse = max(1, int(reuse))
+        self.lesion_probability = float(lesion_probability)
         self.names = [a.name for a in self.anatomies]
         self._current = None
         self._uses = 0
@@ -237,9 +243,57 @@ class RandomAnatomies:
         tex = base.texture * np.float32(rng.uniform(0.6, 1.4))
         if self.texture_std > 0:
             tex = tex + _smooth_noise(rng, shape, spacing=2) * np.float32(self.texture_std)
+        phys = self.physics
+        if self.lesion_probability > 0 and rng.random() < self.lesion_probability and "WM" in fr:
+            fr, phys = _add_lesions(rng, fr, base.affine, phys)
         anat = Anatomy(fr, tex, base.affine, name=f"{base.name}+random", meta=base.meta)
-        phys = self.physics.jittered(rng) if self.jitter else self.physics
+        phys = phys.jittered(rng) if self.jitter else phys
         return Simulator(anat, phys)
+
+
+def _add_lesions(rng: np.random.Generator, fractions: dict, affine: np.ndarray, physics):
+    """1-4 soft ellipsoidal blobs of a ``lesion`` tissue inside the white matter.
+
+    Each blob takes its fraction from WM (and GM at its rim); the lesion's PD and T1/T2
+    weights (between WM and CSF) are drawn once per brain.
+    """
+    import copy
+
+    from .physics import Physics
+
+    wm = fractions["WM"]
+    candidates = np.argwhere(wm > 0.95)
+    if len(candidates) == 0:
+        return fractions, physics
+    vox = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    lesion = np.zeros(wm.shape, np.float32)
+    for _ in range(int(rng.integers(1, 5))):
+        c = candidates[int(rng.integers(len(candidates)))]
+        radii = rng.uniform(2.0, 9.0, size=3) / vox  # mm -> voxels
+        lo = np.maximum(c - np.ceil(radii).astype(int) - 2, 0)
+        hi = np.minimum(c + np.ceil(radii).astype(int) + 3, wm.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        grid = np.indices(tuple(hi - lo), dtype=np.float32)
+        r = np.sqrt(sum(((grid[i] + lo[i] - c[i]) / radii[i]) ** 2 for i in range(3)))
+        rough = 1.0 + 0.25 * rng.standard_normal(r.shape).astype(np.float32)
+        blob = np.clip((1.0 - r * rough) * 3.0, 0.0, 1.0)
+        lesion[box] = np.maximum(lesion[box], blob)
+    out = dict(fractions)
+    take_wm = np.minimum(lesion, out["WM"])
+    out["WM"] = out["WM"] - take_wm
+    rest = lesion - take_wm
+    if "GM" in out:
+        take_gm = np.minimum(rest, out["GM"])
+        out["GM"] = out["GM"] - take_gm
+        take_wm = take_wm + take_gm
+    out["lesion"] = take_wm.astype(np.float32)
+    tab = copy.deepcopy(physics.table)
+    spec = tab["tissues"]["lesion"]
+    spec["PD"]["value"] = float(rng.uniform(0.74, 0.95))
+    w1, w2 = float(rng.uniform(0.05, 0.6)), float(rng.uniform(0.01, 0.1))
+    spec["T1"]["weights"] = [w1, w1]
+    spec["T2"]["weights"] = [w2, w2]
+    return out, Physics(tab)
 
 
 def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], *, spacing: int) -> np.ndarray:
@@ -544,3 +598,80 @@ class PatchSampler:
                 torch.from_numpy(np.stack(ms)), torch.stack(cs))
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Unpaired volumes (self-supervised pretraining, synth7t.pretrain)
+
+@dataclass
+class UnpairedVolume:
+    """A single image for self-supervised pretraining.
+
+    ``field_bin`` is a supported source bin, ``7.0`` for a 7 T image, or ``None`` when the field
+    is not known (a BIDS image without ``MagneticFieldStrength``).
+    """
+
+    path: Path
+    contrast: str
+    field_bin: float | None
+    tag: str = ""
+
+
+_MRIX_R_RE = re.compile(r"^R_(T1W|T2W|T2FLAIR)_([0-9.]+)T_(\w+?)\.nii(\.gz)?$")
+
+
+def _field_from_label(value: float) -> float | None:
+    for b in (*SUPPORTED_BINS, 7.0):
+        if abs(value - b) < 1e-3:
+            return float(b)
+    return None
+
+
+def unpaired_volumes(root: str | Path, *, contrasts: Iterable[str] = CONTRASTS,
+                     fields: Iterable[float] | None = None) -> list[UnpairedVolume]:
+    """Single images under ``root`` for self-supervised pretraining, sorted by path.
+
+    * MRIxFields: every unpaired ``R_{MOD}_{field}_{ID}.nii[.gz]`` at any depth (the
+      ``{split}/{MOD}/{field}/`` tree of ``Training_retrospective``); modality and field come
+      from the name. Paired ``P_`` volumes are never used (the validation and test splits hold
+      only those).
+    * BIDS: ``sub-*/[ses-*/]anat/*_{T1w,T2w,FLAIR}.nii[.gz]``; the field is the inherited
+      sidecar's ``MagneticFieldStrength`` routed by :func:`synth7t.fields.route_field` (a source
+      bin, 7.0 for 7 T), ``None`` when missing or not routable. ``derivatives/`` is not searched.
+
+    Parameters
+    ----------
+    contrasts
+        BIDS suffixes to keep.
+    fields
+        Field bins to keep (7.0 allowed); ``None`` keeps every volume, unknown fields included.
+    """
+    from .fields import FieldStrengthError, route_field
+
+    root = Path(root)
+    contrasts = tuple(contrasts)
+    keep = None if fields is None else tuple(float(f) for f in fields)
+    out: list[UnpairedVolume] = []
+    for path in sorted(root.rglob("R_*.nii*")):
+        m = _MRIX_R_RE.match(path.name)
+        if not m or MRIX_TO_BIDS[m.group(1)] not in contrasts:
+            continue
+        fb = _field_from_label(float(m.group(2)))
+        out.append(UnpairedVolume(path, MRIX_TO_BIDS[m.group(1)], fb,
+                                  tag=f"mrixfields:{m.group(1)}:{m.group(2)}T:{m.group(3)}"))
+    for img in sorted(root.glob("sub-*/**/anat/*.nii*")):
+        stem = img.name.split(".")[0]
+        suffix = stem.split("_")[-1]
+        if suffix not in contrasts:
+            continue
+        try:
+            routing = route_field(_inherited_sidecar(root, img).get("MagneticFieldStrength"),
+                                  where=str(img))
+            fb = 7.0 if routing.passthrough else float(routing.bin)
+        except FieldStrengthError:
+            fb = None
+        out.append(UnpairedVolume(img, suffix, fb, tag=f"bids:{stem}"))
+    if keep is not None:
+        out = [v for v in out if v.field_bin is not None
+               and any(abs(v.field_bin - f) < 1e-3 for f in keep)]
+    return out
