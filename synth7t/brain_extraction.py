@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
@@ -62,6 +63,12 @@ DEFAULT_METHOD = "deep"
 PAD_MM = 12.0
 #: Clip of the signed distance map (mm): only the neighbourhood of the surface matters.
 SDF_CLIP_MM = 6.0
+#: A field of view smaller than this (mL) cannot hold a head the engine was trained on (tiny test
+#: phantoms); the template method is used instead, with a warning.
+MIN_FOV_ML = 400.0
+#: A deep mask smaller than this (mL) is a failure (no brain found); the template method is used
+#: instead, with a warning.
+MIN_BRAIN_ML = 150.0
 
 
 class EngineIntegrityError(RuntimeError):
@@ -383,16 +390,34 @@ def extract_brain(img: nib.Nifti1Image, *, method: str = DEFAULT_METHOD,
     from .preprocess import _on_grid, skull_strip
 
     t0 = time.monotonic()
+    if method not in METHODS:
+        raise ValueError(f"unknown brain-extraction method {method!r}; one of {METHODS}")
+    if method == "deep":
+        verify_engine(engine)  # refuse tampered weights before touching the image
     prov = engine_provenance(method, engine)
     data = np.asarray(img.get_fdata(dtype=np.float32))
+    voxel_ml = float(abs(np.linalg.det(img.affine[:3, :3]))) / 1000.0
     prob_img = None
-    if method == "template":
+    fallback = None
+    if method == "deep":
+        if data.size * voxel_ml < MIN_FOV_ML:
+            fallback = (f"field of view {data.size * voxel_ml:.0f} mL < {MIN_FOV_ML:.0f} mL, "
+                        "too small for the deep engine")
+        else:
+            prob = deep_brain_probability(img, engine=engine, device=device, threads=threads)
+            mask = clean_mask(prob > 0.5)
+            prob_img = _on_grid(prob, img)
+            if mask.sum() * voxel_ml < MIN_BRAIN_ML:
+                fallback = (f"the deep engine found {mask.sum() * voxel_ml:.0f} mL of brain "
+                            f"(< {MIN_BRAIN_ML:.0f} mL)")
+    if method == "template" or fallback:
+        if fallback:
+            warnings.warn(f"brain extraction: {fallback}; used the template method instead",
+                          RuntimeWarning, stacklevel=2)
+            prov = dict(engine_provenance("template"), Fallback=fallback)
+            prob_img = None
         _, mask_img = skull_strip(img, threads=ants_threads, seed=seed)
         mask = np.asanyarray(mask_img.dataobj) > 0
-    else:
-        prob = deep_brain_probability(img, engine=engine, device=device, threads=threads)
-        mask = clean_mask(prob > 0.5)
-        prob_img = _on_grid(prob, img)
     brain = np.where(mask, data, np.float32(0))
     return BrainExtractionResult(brain=_on_grid(brain, img), mask=_on_grid(mask, img, np.uint8),
                                  provenance=prov, probability=prob_img,

@@ -176,6 +176,8 @@ class SkullStrip(SimpleInterface):
     output_spec = _SkullStripOutputSpec
 
     def _run_interface(self, runtime):
+        import warnings
+
         import numpy as np
 
         from synth7t.brain_extraction import extract_brain, verify_engine
@@ -189,9 +191,11 @@ class SkullStrip(SimpleInterface):
             prov = {"Method": "none", "Description": "input already brain-extracted: mask = "
                                                      "non-zero voxels, holes filled"}
         else:
-            res = extract_brain(img, method=self.inputs.method, device=self.inputs.device,
-                                threads=self.inputs.omp_nthreads, seed=self.inputs.seed,
-                                ants_threads=self.inputs.ants_nthreads)
+            with warnings.catch_warnings():  # a fallback is logged below
+                warnings.simplefilter("ignore", RuntimeWarning)
+                res = extract_brain(img, method=self.inputs.method, device=self.inputs.device,
+                                    threads=self.inputs.omp_nthreads, seed=self.inputs.seed,
+                                    ants_threads=self.inputs.ants_nthreads)
             mask_img = res.mask
             mask = np.asanyarray(mask_img.dataobj) > 0
             if mask.shape != img.shape[:3] or not np.allclose(mask_img.affine, img.affine,
@@ -199,6 +203,9 @@ class SkullStrip(SimpleInterface):
                 raise RuntimeError("brain extraction returned a mask on another grid than its "
                                    "input")
             prov = dict(res.provenance, Seconds=round(res.seconds, 1))
+            if prov.get("Fallback"):
+                LOGGER.warning("%s: brain extraction: %s; used the template method",
+                               Path(self.inputs.in_file).name, prov["Fallback"])
             LOGGER.info("brain extraction (%s) of %s: %.1f s, %.0f mL", self.inputs.method,
                         Path(self.inputs.in_file).name, res.seconds,
                         mask.sum() * float(np.prod(img.header.get_zooms()[:3])) / 1000)
