@@ -312,6 +312,24 @@ class Trainer:
         self.log(f"val step {self.step}: " + " ".join(f"{k}={v:.4f}" for k, v in mean.items()))
         return res
 
+    def compute_loss(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict]:
+        """Loss of one sampler batch ``(x, y, mask, cond)`` and its logged parts (``l1``,
+        ``ssim``, ``nll``). A hook: :mod:`synth7t.pretrain` overrides it with its
+        masked-image-modelling objective."""
+        x, y, m, c = batch
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.net.config.uncertainty:
+            pred, b = self.net.forward_with_uncertainty(x, c)
+            pred = pred * m
+            loss, parts = synthesis_loss(pred, y)
+            nll = laplace_nll(pred, b, y, m)
+            loss = loss + self.cfg.unc_weight * nll
+            parts["nll"] = float(nll.detach())
+        else:
+            pred = self.net(x, c) * m
+            loss, parts = synthesis_loss(pred, y)
+        return loss, parts
+
     def run(self, *, progress: bool = True) -> dict:
         from tqdm import tqdm
 
@@ -325,18 +343,8 @@ class Trainer:
         while self.step < cfg.steps:
             for g in self.opt.param_groups:
                 g["lr"] = cfg.lr_at(self.step)
-            x, y, m, c = (t.to(self.device) for t in self.sampler.batch(cfg.batch_size))
-            x = x.contiguous(memory_format=torch.channels_last)
-            if self.net.config.uncertainty:
-                pred, b = self.net.forward_with_uncertainty(x, c)
-                pred = pred * m
-                loss, parts = synthesis_loss(pred, y)
-                nll = laplace_nll(pred, b, y, m)
-                loss = loss + cfg.unc_weight * nll
-                parts["nll"] = float(nll.detach())
-            else:
-                pred = self.net(x, c) * m
-                loss, parts = synthesis_loss(pred, y)
+            batch = tuple(t.to(self.device) for t in self.sampler.batch(cfg.batch_size))
+            loss, parts = self.compute_loss(batch)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)

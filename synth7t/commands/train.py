@@ -11,8 +11,15 @@ Fine-tune the shipped model on a real MRIxFields tree, or on a BIDS dataset with
     synth7t-train --init-from default --mrixfields /data/MRIxFields2026 --out ft --steps 500
     synth7t-train --init-from default --bids /data/bids --out ft --steps 500
 
+Self-supervised pretraining on unpaired images (MRIxFields ``R_`` volumes or BIDS
+T1w/T2w/FLAIR; masked-image modelling, see ``synth7t.pretrain``), then fine-tuning from it::
+
+    synth7t-train --pretrain-unpaired /data/MRIxFields2026 --out pre --steps 4000
+    synth7t-train --init-from pretrained --model-dir pre --simulated --out ft --steps 4000 --lr 1e-3
+
 The result in ``--out`` (``model.safetensors``, ``model_card.json``, ``registry.json``) is a
-``--model-dir`` for ``synth7t`` and ``synth7t-mrixfields``.
+``--model-dir`` for ``synth7t`` and ``synth7t-mrixfields``. A pretrained model (registry name
+``pretrained``) is only a starting point for fine-tuning, not a synthesis model.
 """
 from __future__ import annotations
 
@@ -48,9 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default OUT/work)")
     d.add_argument("--contrasts", nargs="+", default=None, help="subset of T1w T2w FLAIR")
     d.add_argument("--fields", nargs="+", type=float, default=None, help="subset of 0.1 1.5 3 5")
+    pt = p.add_argument_group(
+        "self-supervised pretraining (instead of the paired data above)",
+        "Masked-image modelling on unpaired images: hidden cells of the 2.5D input are\n"
+        "reconstructed (L1 + 1 - SSIM on hidden brain pixels). Writes a model named\n"
+        "'pretrained' (--name) into --out; then fine-tune it with\n"
+        "  synth7t-train --init-from pretrained --model-dir OUT --simulated|--mrixfields|--bids\n"
+        "(see synth7t/models/TRAINING.md). --fields may include 7.")
+    pt.add_argument("--pretrain-unpaired", type=Path, metavar="DIR",
+                    help="MRIxFields tree (every R_ volume) or BIDS dataset (every T1w/T2w/FLAIR; "
+                         "field from MagneticFieldStrength when given)")
+    pt.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of cells hidden")
+    pt.add_argument("--mask-patch", type=int, default=16, help="cell edge (pixels)")
+    pt.add_argument("--tube-fraction", type=float, default=0.5,
+                    help="fraction of hidden cells hidden on every slice (else centre only)")
+    pt.add_argument("--mask-fill", choices=["zero", "noise"], default="zero")
+    pt.add_argument("--visible-weight", type=float, default=1.0,
+                    help="weight of L1 on visible brain pixels (keeps the identity there)")
     m = p.add_argument_group("model and recipe")
     m.add_argument("--out", type=Path, required=True, help="output folder (a --model-dir)")
-    m.add_argument("--name", default="default", help="registry name of the trained model")
+    m.add_argument("--name", default=None,
+                   help="registry name of the trained model (default: 'default', or "
+                        "'pretrained' with --pretrain-unpaired)")
     m.add_argument("--version", default=None, help="model version (default: date-based)")
     m.add_argument("--init-from", metavar="NAME", help="fine-tune from this registry model")
     m.add_argument("--model-dir", type=Path, help="extra registry for --init-from")
@@ -101,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"synth7t-train: unknown contrast(s) {bad}", file=sys.stderr)
         return 64
+    if args.pretrain_unpaired:
+        if args.simulated or args.mrixfields or args.bids:
+            print("synth7t-train: --pretrain-unpaired does not mix with paired data; pretrain "
+                  "first, then fine-tune with --init-from pretrained --model-dir OUT",
+                  file=sys.stderr)
+            return 64
+        return _pretrain(args, contrasts)
+    args.name = args.name or "default"
     if not (args.simulated or args.mrixfields or args.bids):
         args.simulated = True
 
@@ -216,6 +250,87 @@ def main(argv: list[str] | None = None) -> int:
                  pairs=[(c, f) for c in contrasts for f in fields], card=card)
     _log(f"exported {args.out / 'model.safetensors'} ({weights.name}); registry "
          f"{args.out / 'registry.json'}")
+    print(json.dumps({"steps": trainer.step, "wall_seconds": round(trainer.wall, 1),
+                      "best": (trainer.best or {}).get("metrics", {}).get("mean", {})}))
+    return 0
+
+
+def _pretrain(args: argparse.Namespace, contrasts: tuple[str, ...]) -> int:
+    """``--pretrain-unpaired``: masked-image modelling on unpaired images (synth7t.pretrain)."""
+    from collections import Counter
+
+    from synth7t.export import default_card, export_model
+    from synth7t.fields import SUPPORTED_BINS, bin_label
+    from synth7t.pretrain import (PretrainConfig, PretrainTrainer, UnpairedSource,
+                                  masked_sampler, pretrain_card, split_volumes,
+                                  validation_batches)
+    from synth7t.registry import RegistryError
+    from synth7t.sources import unpaired_volumes
+    from synth7t.train import load_registry_unet
+
+    name = args.name or "pretrained"
+    vols = unpaired_volumes(args.pretrain_unpaired, contrasts=contrasts, fields=args.fields)
+    if not vols:
+        print(f"synth7t-train: {args.pretrain_unpaired}: no MRIxFields R_ volumes or BIDS "
+              f"{'/'.join(contrasts)} images found", file=sys.stderr)
+        return 66
+    train_vols, held = split_volumes(vols)
+    counts = Counter(f"{v.contrast}@{'unknown field' if v.field_bin is None else bin_label(v.field_bin)}"
+                     for v in vols)
+    data_desc = [f"self-supervised masked-image modelling on {len(train_vols)} unpaired images "
+                 f"under {args.pretrain_unpaired} (MRIxFields R_ volumes / BIDS images; "
+                 + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())) + ")"]
+    val_note = (f"validation: masked reconstruction loss on {len(held)} held-out images "
+                "(every 20th in path order)" if held else
+                "validation: masked reconstruction loss on fixed batches of the training images "
+                "(fewer than 20 images: none held out)")
+    init_net = None
+    if args.init_from:
+        try:
+            init_net = load_registry_unet(args.init_from, model_dir=args.model_dir)
+        except RegistryError as exc:
+            print(f"synth7t-train: {exc}", file=sys.stderr)
+            return 65
+        data_desc.append(f"initialised from registry model {args.init_from!r}")
+    cfg = PretrainConfig(
+        steps=args.steps, batch_size=args.batch_size, patch=args.patch,
+        lr=args.lr or (2e-4 if init_net is not None else 1e-3), seed=args.seed,
+        n_slices=init_net.config.n_slices if init_net else args.n_slices,
+        base=init_net.config.base if init_net else args.base,
+        pool_size=args.pool_size, refresh_every=args.refresh_every,
+        slab_depth=args.slab_depth, roi_size=args.roi_size,
+        checkpoint_every=args.checkpoint_every, val_slabs=0, threads=args.threads,
+        device=args.device, max_minutes=args.max_minutes, data=data_desc,
+        uncertainty=not args.no_uncertainty, unc_weight=args.unc_weight,
+        ema_decay=args.ema_decay, warmup=20 if init_net is not None else 100,
+        mask_ratio=args.mask_ratio, mask_patch=args.mask_patch,
+        tube_fraction=args.tube_fraction, fill=args.mask_fill,
+        visible_weight=args.visible_weight,
+        val_batches=0 if not args.val_slabs else max(1, round(args.val_slabs / 6)))
+    val = validation_batches(held or train_vols, cfg, seed=args.seed + 12345)
+    source = UnpairedSource(train_vols, depth=cfg.slab_depth, voxel_mm=cfg.voxel_mm)
+
+    def sampler_factory(rng: np.random.Generator):
+        return masked_sampler([(source, 1.0)], rng, cfg, log=_log)
+
+    trainer = PretrainTrainer(cfg, sampler_factory, args.out, val_batches=val,
+                              init_net=init_net, log=_log)
+    if args.resume:
+        trainer.resume()
+    _log(f"pretraining {cfg.steps} steps, batch {cfg.batch_size}x{cfg.patch}^2, threads "
+         f"{cfg.threads}, data: {'; '.join(data_desc)}")
+    trainer.run(progress=not args.no_progress)
+
+    best = args.out / "checkpoints" / "best.safetensors"
+    weights = best if best.is_file() else args.out / "checkpoints" / "last.safetensors"
+    card = default_card(trainer, data=data_desc, notes=[val_note])
+    card.update(pretrain_card(trainer, data=data_desc, notes=[val_note]))
+    fields = tuple(f for f in (args.fields or SUPPORTED_BINS) if f in SUPPORTED_BINS) \
+        or SUPPORTED_BINS
+    export_model(weights, args.out, name=name, version=args.version or time.strftime("%Y.%m.%d"),
+                 pairs=[(c, f) for c in contrasts for f in fields], card=card)
+    _log(f"exported {args.out / 'model.safetensors'} ({weights.name}) as {name!r}; fine-tune "
+         f"with --init-from {name} --model-dir {args.out}")
     print(json.dumps({"steps": trainer.step, "wall_seconds": round(trainer.wall, 1),
                       "best": (trainer.best or {}).get("metrics", {}).get("mean", {})}))
     return 0
