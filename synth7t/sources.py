@@ -193,8 +193,8 @@ class RandomAnatomies:
         own deformation, box, contrast, field, protocol and noise); drawing costs seconds.
     lesion_probability
         Chance that a brain gets 1-4 pathology-like blobs in its white matter: a ``lesion``
-        tissue whose PD/T1/T2 are drawn per brain from the wide ranges of ``physics.json``
-        (rendered consistently in source and 7T target), so the network learns to keep tissue it
+        tissue whose PD/T1/T2 are drawn per brain from wide ranges (rendered in source and 7T
+        target, with a field dependence of its own), so the network learns to keep tissue it
         cannot name and its uncertainty head learns that such tissue is hard to predict.
     """
 
@@ -290,9 +290,15 @@ def _add_lesions(rng: np.random.Generator, fractions: dict, affine: np.ndarray, 
     tab = copy.deepcopy(physics.table)
     spec = tab["tissues"]["lesion"]
     spec["PD"]["value"] = float(rng.uniform(0.74, 0.95))
+    # How a pathological tissue's relaxation changes with B0 is not known in general (its T1
+    # dispersion differs from healthy tissue's), so the 7 T weights are drawn around the
+    # low-field ones, not equal to them: the lesion's 7 T intensity is genuinely uncertain
+    # given its low-field appearance, which is what the uncertainty head should learn.
     w1, w2 = float(rng.uniform(0.05, 0.6)), float(rng.uniform(0.01, 0.1))
-    spec["T1"]["weights"] = [w1, w1]
-    spec["T2"]["weights"] = [w2, w2]
+    w1_7 = float(np.clip(w1 * rng.lognormal(0.0, 0.6), 0.02, 0.8))
+    w2_7 = float(np.clip(w2 * rng.lognormal(0.0, 0.5), 0.005, 0.15))
+    spec["T1"]["weights"] = [w1, w1_7]
+    spec["T2"]["weights"] = [w2, w2_7]
     return out, Physics(tab)
 
 
