@@ -293,7 +293,10 @@ def write_participant_records(st: RunState, run_common: dict) -> None:
         sub_items = [it for it in st.items if it.subject == subject]
         info = build_run_info(subject, sub_items, st.models, st.errors.get(subject, []),
                               st.crashed, st.opts, run_common, end_iso, st.t_start)
+        t0 = time.monotonic()
         add_qc(st.opts.output_dir, info)
+        if sub_items:
+            LOGGER.info("sub-%s: QC values in %.1f s", subject, time.monotonic() - t0)
         write_run_record(st.log_dir, info)
         _report(st.opts.output_dir, subject, info)
         write_thumbnails(st.opts.output_dir, info)
