@@ -79,7 +79,8 @@ _FIXED = {
                      None),
     "model": ("Synthesis model name(s)", None),
     "model_version": ("Synthesis model version(s)", None),
-    "run_seconds": ("Wall time of the participant-level run that produced the row", "s"),
+    "run_seconds": ("Wall time of the participant-level run that produced the row (shared by "
+                    "every participant of that run; n/a when nothing was processed)", "s"),
     "run_end": ("End of that run (ISO 8601, UTC)", None),
     "run_uuid": ("Identifier of that run (logs/sub-<label>/run-<uuid>.json)", None),
     "report": ("The participant's HTML report, relative to the derivatives folder", None),
@@ -207,7 +208,7 @@ def rows_of_record(rec: dict, out_dir: Path) -> dict[str | None, Row]:
             "field_source": _field_value(items, "source") if items else "n/a",
             "model": _join((i.get("model") or {}).get("Name") for i in items),
             "model_version": _join((i.get("model") or {}).get("Version") for i in items),
-            "run_seconds": rec.get("elapsed_seconds", "n/a"),
+            "run_seconds": rec.get("elapsed_seconds", "n/a") if items else "n/a",
             "run_end": rec.get("end_time") or "n/a",
             "run_uuid": rec.get("run_uuid") or "n/a",
             "report": report,
