@@ -222,7 +222,7 @@ class UnpairedSource:
         reader = _Reader(vol.path)
         factors = np.asarray(reader.zooms) / self.voxel_mm
         resample = bool(np.any(np.abs(factors - 1.0) > 0.1))
-        nd = int(math.ceil(self.depth / factors[2])) + 1 if resample else self.depth
+        nd = math.ceil(self.depth / factors[2]) + 1 if resample else self.depth
         nd = min(nd, reader.nz)
         lo, hi = info.z
         a = int(np.clip(lo - nd // 2, 0, reader.nz - nd))
@@ -282,8 +282,7 @@ class MaskedPatchSampler(PatchSampler):
         gh, gw = -(-H // c), -(-W // c)
         hidden = self.rng.random((gh, gw)) < self.mask_ratio
         tube = hidden & (self.rng.random((gh, gw)) < self.tube_fraction)
-        up = lambda g: g.repeat(c, axis=0).repeat(c, axis=1)[:H, :W]  # noqa: E731
-        hole, tube_px = up(hidden), up(tube)
+        hole, tube_px = (g.repeat(c, axis=0).repeat(c, axis=1)[:H, :W] for g in (hidden, tube))
         x = x.copy()
         centre = S // 2
         if self.fill == "noise":
