@@ -58,9 +58,11 @@ __all__ = [
 #: ``--brain-extraction`` choices; ``deep`` is the default.
 METHODS = ("deep", "template")
 DEFAULT_METHOD = "deep"
-#: Margin (mm) of zeros added around the image before the engine runs, so a brain touching the
-#: field of view is seen with context and not cut straight at the border.
-PAD_MM = 12.0
+#: Margin (mm) of zeros added around the image before the engine runs. 0: deepbet normalises
+#: with quantiles and the mean of the whole (downsampled) image, and 12 mm of zeros lowered Dice on
+#: the simulated T2w heads (0.953 -> 0.948 at 1.5 T); a brain touching the field of view is
+#: handled by the mask cleaning (holes open at the border are filled slice-wise).
+PAD_MM = 0.0
 #: Clip of the signed distance map (mm): only the neighbourhood of the surface matters.
 SDF_CLIP_MM = 6.0
 #: A field of view smaller than this (mL) cannot hold a head the engine was trained on (tiny test
@@ -292,7 +294,9 @@ def deep_brain_probability(img: nib.Nifti1Image, *, engine: str = DEFAULT_ENGINE
     x = nib.orientations.apply_orientation(data, to_ras)
     zooms = np.asarray(img.header.get_zooms()[:3], float)[np.argsort(to_ras[:, 0])]
     pad = [int(np.ceil(PAD_MM / max(z, 1e-3))) for z in zooms]
-    x = np.pad(np.clip(x, 0, None), [(p, p) for p in pad])
+    x = np.clip(x, 0, None)
+    if any(pad):
+        x = np.pad(x, [(p, p) for p in pad])
     with torch_runtime(threads):
         if engine != "deepbet":
             raise ValueError(f"unknown engine {engine!r}; one of {sorted(ENGINES)}")
