@@ -207,7 +207,13 @@ def bench_sub01(work: Path, *, threads: int, template: bool) -> list[dict]:
         n4_correct(img, threads=1).to_filename(n4_path)
     n4 = nib.load(n4_path)
     zooms = n4.header.get_zooms()[:3]
-    ref, wall_r, cpu_r = _timed(lambda: hdbet_mask(n4, threads=threads))
+    ref_path = Path(work) / "sub-01_desc-hdbet_mask.nii.gz"
+    if ref_path.is_file():  # cached reference (its time is of the run that made it)
+        ref = nib.load(ref_path).get_fdata() > 0
+        wall_r = cpu_r = float("nan")
+    else:
+        ref, wall_r, cpu_r = _timed(lambda: hdbet_mask(n4, threads=threads))
+        nib.Nifti1Image(ref.astype(np.uint8), n4.affine).to_filename(ref_path)
     rows = [dict(case="sub-01 (3 T, real)", method="reference (HD-BET 1.1, fold 0)", dice=1.0,
                  core=0.0, ml=ref.sum() * np.prod(zooms) / 1000, wall=wall_r, cpu=cpu_r)]
     _print_row(rows[-1])

@@ -106,6 +106,15 @@ def _expected_names(contrasts, session=None):
     return {folder + n for n in names}
 
 
+def test_template_brain_extraction_is_single_threaded():
+    item = SimpleNamespace(subject="01", session=None, images=_images(["T2w"], None))
+    wf = base.init_synth7t_wf(sessions=[item], output_dir="/out", brain_extraction="template",
+                              registry=FakeRegistry(), omp_nthreads=2, device="cpu")
+    strip = wf.get_node("sub_01_wf.anat_preproc_t2w_wf.skull_strip")
+    assert strip.interface.inputs.method == "template"
+    assert strip.n_procs == 1 and strip.interface.inputs.omp_nthreads == 1
+
+
 # --------------------------------------------------------------------------- option matrix
 @pytest.mark.parametrize("contrasts, session, mode", list(itertools.product(
     CONTRAST_SETS, [None, "pre"], ["auto", "force", "skip"])))
@@ -120,8 +129,12 @@ def test_build_matrix(contrasts, session, mode):
     anchor = contrasts[0].lower()
     strip = wf.get_node(f"{sub}.anat_preproc_{anchor}_wf.skull_strip")
     assert strip.interface.inputs.mode == mode and strip.interface.inputs.seed == 3
-    # antspyx nodes stay single-threaded (reproducible registrations); torch gets omp_nthreads
-    assert strip.n_procs == 1 and strip.interface.inputs.omp_nthreads == 1
+    # antspyx nodes stay single-threaded (reproducible registrations); torch gets omp_nthreads,
+    # also for the deep brain extraction (default), whose template fallback runs ITK with 1
+    assert strip.interface.inputs.method == "deep" and strip.interface.inputs.device == "auto"
+    assert strip.n_procs == 2 and strip.interface.inputs.omp_nthreads == 2
+    assert strip.interface.inputs.ants_nthreads == 1
+    assert wf.get_node(f"{sub}.anat_preproc_{anchor}_wf.n4").n_procs == 1
     to_ref = wf.get_node(f"{sub}.register_wf.{anchor}_to_ref")
     assert to_ref.n_procs == 1 and to_ref.interface.inputs.omp_nthreads == 1
     assert f"{sub}.register_wf.{anchor}_to_ref" in names
