@@ -504,6 +504,24 @@ def _img_tag(out_dir: Path, path: Path, alt: str) -> str:
     return f'<img class="reportlet" src="{_esc(rel)}" alt="{_esc(alt)}">'
 
 
+def _brain_extraction_line(mask_path: Path) -> str:
+    """HTML line naming the brain-extraction engine, version and weights SHA-256, from the
+    mask's sidecar (``BrainExtraction``); empty when the sidecar does not say."""
+    try:
+        meta = json.loads(Path(str(mask_path).rsplit(".nii", 1)[0] + ".json").read_text())
+    except (OSError, ValueError):
+        return ""
+    bet = meta.get("BrainExtraction")
+    if not isinstance(bet, dict):
+        return ""
+    if bet.get("Method") == "deep":
+        weights = ", ".join(f"<code>{_esc(k)}</code> SHA-256 <code>{_esc(str(v)[:16])}...</code>"
+                            for k, v in (bet.get("Weights") or {}).items())
+        return (f"Brain extraction: {_esc(bet.get('Engine'))} {_esc(bet.get('Version'))} "
+                f"(deep network; {weights}).")
+    return f"Brain extraction: {_esc(bet.get('Method'))} ({_esc(bet.get('Description', ''))})."
+
+
 def _input_section(item: dict, idx: int, participant: str, out_dir: Path, fig_dir: Path,
                    ref_mask, ref_mask_name: str, fig_log: list[str], images: "_Images") -> str:
     contrast = str(item.get("contrast", "image"))
@@ -536,6 +554,9 @@ def _input_section(item: dict, idx: int, participant: str, out_dir: Path, fig_di
         f = fig_dir / f"{ent}_desc-brain_{contrast}.png"
         out.append('<p class="elem-desc">Brain mask (red contour) over the preprocessed input '
                    "(conformed, bias-corrected), native space.</p>")
+        bet = _brain_extraction_line(paths["mask"])
+        if bet:
+            out.append(f'<p class="elem-desc">{bet}</p>')
         if attempt("brain mask", lambda: _fig_contour(
                 images.get(paths["preproc"]), images.get(paths["mask"], mask=True), f)):
             out.append(_img_tag(out_dir, f, f"{title} brain mask"))
