@@ -260,7 +260,11 @@ def sub01(tmp_path_factory):
     out = tmp_path_factory.mktemp("sub01")
     img, _ = conform(load_image(path), name=path.name)
     n4 = P.n4_correct(img, threads=THREADS)
-    brain, mask = P.skull_strip(n4, threads=THREADS, seed=0)
+    # the App's default brain extraction (the template method: benchmarks/bench_brain_extraction)
+    from synth7t.brain_extraction import extract_brain
+
+    res = extract_brain(n4, device="cpu", threads=2)
+    brain, mask = res.brain, res.mask
     xfm = P.register_to_reference(brain, mask, out_prefix=out / "from-T1w_to-ref_",
                                   threads=THREADS, seed=0)
     return dict(img=img, n4=n4, brain=brain, mask=mask, xfm=xfm)
