@@ -316,19 +316,47 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
 
 
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_fill_holes`` (same 6-connectivity) in one labelling pass: the background
+    components that touch the array border are outside, every other one is a hole. Much faster
+    than the iterative dilation on 0.5 mm grids."""
+    lab, n = ndi.label(~mask)
+    if n == 0:
+        return mask.copy()
+    faces = [lab[0], lab[-1], lab[:, 0], lab[:, -1]] + ([lab[:, :, 0], lab[:, :, -1]]
+                                                        if lab.ndim == 3 else [])
+    outside = np.unique(np.concatenate([f.ravel() for f in faces]))
+    keep = np.zeros(n + 1, bool)
+    keep[outside[outside > 0]] = True
+    return ~keep[lab]
+
+
 def clean_mask(mask: np.ndarray) -> np.ndarray:
-    """Largest connected component, holes filled (in 3D, then slice by slice on every axis).
+    """Largest connected component, holes filled (in 3D, then slice by slice on the border
+    slices of every axis).
 
     The slice-wise pass fills cavities that touch the field of view (a 3D fill cannot close a
-    hole that is open at the border).
+    hole that is open at the border). Works on the mask's bounding box (+1 voxel).
     """
-    m = ndi.binary_fill_holes(_largest_component(mask))
+    full = np.asarray(mask, bool)
+    out = np.zeros(full.shape, bool)
+    if not full.any():
+        return out
+    box = []
     for ax in range(3):
+        idx = np.flatnonzero(full.any(axis=tuple(a for a in range(3) if a != ax)))
+        box.append(slice(max(int(idx[0]) - 1, 0), min(int(idx[-1]) + 2, full.shape[ax])))
+    box = tuple(box)
+    m = _fill_holes(_largest_component(full[box]))
+    for ax in range(3):
+        if box[ax].start > 0 and box[ax].stop < full.shape[ax]:
+            continue  # the mask does not reach the field of view on this axis
         sl = [slice(None)] * 3
-        for i in (0, m.shape[ax] - 1):  # only the border slices can hold open holes
+        for i in (0, m.shape[ax] - 1):
             sl[ax] = i
-            m[tuple(sl)] = ndi.binary_fill_holes(m[tuple(sl)])
-    return ndi.binary_fill_holes(m)
+            m[tuple(sl)] = _fill_holes(m[tuple(sl)])
+    out[box] = _fill_holes(m)
+    return out
 
 
 def signed_distance(mask: np.ndarray, zooms, *, clip: float = SDF_CLIP_MM) -> np.ndarray:
