@@ -197,11 +197,14 @@ def bench_simulated(work: Path, *, threads: int, template: bool) -> list[dict]:
     return rows
 
 
-def bench_sub01(work: Path, *, threads: int, template: bool) -> list[dict]:
+def bench_sub01(work: Path, *, threads: int, template: bool, n4_file=None) -> list[dict]:
+    """sub-01: HD-BET reference on the N4 image (``n4_file``, e.g. the App's
+    ``desc-preproc_T1w``, else computed here), deep and template masks against it."""
     from synth7t.io import conform, load_image
     from synth7t.preprocess import n4_correct
 
-    n4_path = Path(work) / "sub-01_desc-n4_T1w.nii.gz"
+    Path(work).mkdir(parents=True, exist_ok=True)
+    n4_path = Path(n4_file or Path(work) / "sub-01_desc-n4_T1w.nii.gz")
     if not n4_path.is_file():
         img, _ = conform(load_image(SUB01), name=SUB01.name)
         n4_correct(img, threads=1).to_filename(n4_path)
@@ -241,6 +244,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-template", action="store_true",
                     help="leave out the template method (~1-2 min per head)")
     ap.add_argument("--cases", default="sim,sub01")
+    ap.add_argument("--sub01-n4", type=Path,
+                    help="sub-01 N4 image to use (e.g. the App's desc-preproc_T1w)")
     args = ap.parse_args(argv)
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
     print(f"load: {os.getloadavg()}; cpus: {os.cpu_count()}; torch threads: {args.threads}")
@@ -250,7 +255,8 @@ def main(argv=None) -> int:
     rows = []
     cases = args.cases.split(",")
     if "sub01" in cases:
-        rows += bench_sub01(args.work, threads=args.threads, template=not args.skip_template)
+        rows += bench_sub01(args.work, threads=args.threads, template=not args.skip_template,
+                            n4_file=args.sub01_n4)
     if "sim" in cases:
         rows += bench_simulated(args.work, threads=args.threads,
                                 template=not args.skip_template)
