@@ -94,6 +94,7 @@ def make_study(root: Path, n: int = 200, *, seed: int = 0, doubled: str | None =
                     "MagneticFieldStrength": 7, "SourceMagneticFieldStrength": 3,
                     "SourceFieldBin": 3.0, "RandomSeed": 0,
                     "UncertaintyMeanBrain": rnd.gauss(0.05, 0.005),
+                    "UncertaintyThreshold": 0.1, "UncertaintyOutOfDistribution": k == 1,
                     "SynthesisModel": {"Name": "default", "Version": "1.0.0"}}))
                 rec["inputs"].append({
                     "contrast": c, "session": None,

@@ -59,7 +59,7 @@ THUMB_WIDTH = 360
 SESSION_QC = ("BrainVolumeML", "RegistrationDice")
 #: Numeric sidecar keys that are provenance, not QC.
 SIDECAR_SKIP = {"MagneticFieldStrength", "SourceMagneticFieldStrength", "SourceFieldBin",
-                "RandomSeed"}
+                "RandomSeed", "UncertaintyThreshold"}
 STATUSES = ("ok", "partial", "refused", "crashed", "not run")
 GROUP_FILES = ("group_qc.tsv", "group_qc.json", "group.html")
 
@@ -152,7 +152,11 @@ def dataset_sessions(bids_dir: Path | None, participants: list[str] | None = Non
 
 
 def _sidecar_numbers(out_dir: Path, der: dict) -> dict:
-    """Numeric top-level values of the synthetic image's sidecar (minus provenance keys)."""
+    """Numeric (and true/false) top-level values of the synthetic image's sidecar.
+
+    Provenance keys (:data:`SIDECAR_SKIP`) are left out; flags such as
+    ``UncertaintyOutOfDistribution`` become ``true``/``false`` text columns.
+    """
     rel = der.get("synth") or der.get("synth_native")
     if not rel:
         return {}
@@ -163,6 +167,8 @@ def _sidecar_numbers(out_dir: Path, der: dict) -> dict:
             continue
         if _is_number(v):
             out[k] = v
+        elif isinstance(v, bool):
+            out[k] = "true" if v else "false"
         elif isinstance(v, dict) and k in ("QC", "QualityMetrics", "Uncertainty"):
             out.update({f"{k}{kk}": vv for kk, vv in v.items() if _is_number(vv)})
     return out

@@ -205,6 +205,9 @@ def test_group_on_generated_study(capsys, tmp_path):
     assert float(by["sub-007"]["BrainVolumeML"]) > 1.8 * float(by["sub-008"]["BrainVolumeML"])
     # generic pick-up of numeric sidecar keys, per contrast
     assert by["sub-001"]["T1w_UncertaintyMeanBrain"] != "n/a"
+    assert by["sub-001"]["T1w_UncertaintyOutOfDistribution"] == "true"
+    assert by["sub-002"]["T1w_UncertaintyOutOfDistribution"] == "false"
+    assert "T1w_UncertaintyThreshold" not in by["sub-001"]  # a setting, not a QC value
     assert by["sub-001"]["model"] == "default" and float(by["sub-001"]["field_bin"]) == 3.0
     desc = json.loads((out / "group_qc.json").read_text())
     assert set(desc) == set(rows[0])
