@@ -439,8 +439,9 @@ def describe_columns(columns: list[str]) -> dict:
                 desc, units = QC_DESCRIPTIONS[key]
                 desc = f"{contrast}: {desc} (run record: inputs[].qc)"
             else:
-                desc, units = (f"{key} of the {contrast} input: numeric value from the run "
-                               "record's qc or the synthetic image's JSON sidecar"), None
+                desc, units = (f"{key} of the {contrast} input: numeric (or true/false) "
+                               "value from the run record's qc or the synthetic image's JSON "
+                               "sidecar"), None
         entry = {"Description": desc}
         if units:
             entry["Units"] = units
