@@ -176,16 +176,18 @@ def _template(img):
     return np.asanyarray(extract_brain(img, method="template").mask.dataobj) > 0
 
 
-def bench_simulated(work: Path, *, threads: int, template: bool) -> list[dict]:
+def bench_simulated(work: Path, *, threads: int, template: bool,
+                    reference: bool = True) -> list[dict]:
     paths = simulated_heads(work)
     rows = []
     for field in FIELDS:
         truth = nib.load(paths[("truth", field)]).get_fdata() > 0
         for c in CONTRASTS:
             img = nib.load(paths[(c, field)])
-            methods = [("deep (deepbet 1.0.2)", lambda: _deep(img, threads)),
-                       ("reference (HD-BET 1.1, fold 0)",
-                        lambda: hdbet_mask(img, threads=threads))]
+            methods = [("deep (deepbet 1.0.2)", lambda: _deep(img, threads))]
+            if reference:
+                methods.append(("reference (HD-BET 1.1, fold 0)",
+                                lambda: hdbet_mask(img, threads=threads)))
             if template:
                 methods.append(("template (Colin27)", lambda: _template(img)))
             for name, fn in methods:
@@ -243,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/synth7t-bench-bet"))
     ap.add_argument("--skip-template", action="store_true",
                     help="leave out the template method (~1-2 min per head)")
+    ap.add_argument("--skip-reference", action="store_true",
+                    help="leave out HD-BET on the simulated heads (~1-2 min CPU per head)")
     ap.add_argument("--cases", default="sim,sub01")
     ap.add_argument("--sub01-n4", type=Path,
                     help="sub-01 N4 image to use (e.g. the App's desc-preproc_T1w)")
@@ -259,7 +263,8 @@ def main(argv=None) -> int:
                             n4_file=args.sub01_n4)
     if "sim" in cases:
         rows += bench_simulated(args.work, threads=args.threads,
-                                template=not args.skip_template)
+                                template=not args.skip_template,
+                                reference=not args.skip_reference)
     print(f"load at the end: {os.getloadavg()}")
     return 0
 
