@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=["baseline", "default"])
     parser.add_argument("--folder", type=Path, default=MODELS_DIR)
     parser.add_argument("--run", type=Path, help="synth7t-train --out folder (for 'default')")
-    parser.add_argument("--weights", default="best", choices=["best", "last"])
+    parser.add_argument("--weights", default="best",
+                        help="checkpoint name in RUN/checkpoints (best, last, ema, best_ood...)")
     parser.add_argument("--version", default="1.0.0")
     parser.add_argument("--quality-json", type=Path, help="bench_quality.py --json output")
     parser.add_argument("--default-to-baseline", action="store_true")

@@ -27,7 +27,15 @@ from torch.nn import functional as F
 from .fields import CONTRASTS, SUPPORTED_BINS
 
 #: Size of the conditioning vector: one-hot field bin + one-hot contrast.
-N_COND = len(SUPPORTED_BINS) + len(CONTRASTS)
+N_COND_FIELDS, N_COND_CONTRASTS = len(SUPPORTED_BINS), len(CONTRASTS)
+N_COND = N_COND_FIELDS + N_COND_CONTRASTS
+
+
+def pair_index(cond: torch.Tensor) -> torch.Tensor:
+    """Index (field bin x contrast) of each conditioning vector of a batch ``(B, N_COND)``."""
+    field = cond[:, :N_COND_FIELDS].argmax(dim=1)
+    contrast = cond[:, N_COND_FIELDS:].argmax(dim=1)
+    return field * N_COND_CONTRASTS + contrast
 #: Bounds and start of the uncertainty head's log-scale (b from 1e-4 to 0.5 intensity units).
 UNC_LOG_B_MIN, UNC_LOG_B_MAX, UNC_INIT_LOG_B = -9.2, -0.7, -4.0
 
@@ -66,6 +74,10 @@ class UNetConfig:
     n_cond: int = N_COND
     #: A second output channel: per-voxel expected absolute error (Laplace scale ``b``).
     uncertainty: bool = False
+    #: Feature-space novelty detector on top of the uncertainty head: Gaussian clusters of the
+    #: last decoder features per (contrast, field) pair, fitted on normal simulated anatomy
+    #: (:mod:`synth7t.ood`); 0 = none.
+    ood_clusters: int = 0
 
     @property
     def in_channels(self) -> int:
@@ -151,6 +163,12 @@ class UNet25D(nn.Module):
                                           nn.Conv2d(cin, 1, 1))
             nn.init.zeros_(self.unc_head[2].weight)
             nn.init.constant_(self.unc_head[2].bias, UNC_INIT_LOG_B)
+        if c.ood_clusters:
+            n_pairs, k = N_COND_FIELDS * N_COND_CONTRASTS, c.ood_clusters
+            dim = self.ood_dim
+            self.register_buffer("ood_mean", torch.zeros(n_pairs, k, dim))
+            self.register_buffer("ood_prec", torch.eye(dim).repeat(n_pairs, 1, 1))
+            self.register_buffer("ood_q", torch.ones(n_pairs))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self._run(x, cond)[0]
@@ -166,11 +184,39 @@ class UNet25D(nn.Module):
         """
         if not self.config.uncertainty:
             raise ValueError("this network has no uncertainty head (config.uncertainty=False)")
-        pred, feats = self._run(x, cond)
+        pred, feats, decoder = self._run(x, cond, keep_decoder=bool(self.config.ood_clusters))
         log_b = torch.clamp(self.unc_head(feats), UNC_LOG_B_MIN, UNC_LOG_B_MAX)
-        return pred, torch.exp(log_b)
+        b = torch.exp(log_b)
+        if self.config.ood_clusters:
+            # novel features (beyond the q-quantile of normal anatomy) scale the expected error
+            # up in proportion: the head was never shown such input, so its b is not to be trusted
+            multi = _multiscale(decoder)
+            ratio = self.novelty(multi, cond) / self.ood_q[pair_index(cond)].view(-1, 1, 1, 1)
+            b = b * (1.0 + torch.clamp(ratio - 1.0, min=0.0))
+        return pred, b
 
-    def _run(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def ood_dim(self) -> int:
+        """Length of the multi-scale feature vector the novelty detector reads."""
+        c = self.config
+        return sum(c.base * 2 ** i for i in range(c.levels - 1))
+
+    def novelty(self, feats: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distance (B, 1, H, W) of each pixel's features to the nearest
+        cluster of normal anatomy for the item's (contrast, field) pair."""
+        idx = pair_index(cond)
+        b, ch, hh, ww = feats.shape
+        f = feats.permute(0, 2, 3, 1).reshape(b, 1, hh * ww, ch)
+        diff = f - self.ood_mean[idx][:, :, None, :]                    # (B, K, HW, C)
+        md = torch.einsum("bkpc,bcd,bkpd->bkp", diff, self.ood_prec[idx], diff)
+        return md.min(dim=1).values.reshape(b, 1, hh, ww)
+
+    def features(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Multi-scale decoder features (B, :attr:`ood_dim`, H, W): every decoder level's output,
+        upsampled (nearest) to full resolution, so a pixel's vector also describes its context."""
+        return _multiscale(self._run(x, cond, keep_decoder=True)[2])
+
+    def _run(self, x: torch.Tensor, cond: torch.Tensor, *, keep_decoder: bool = False):
         centre = x[:, self.config.n_slices // 2: self.config.n_slices // 2 + 1]
         skips = []
         h = x
@@ -180,10 +226,20 @@ class UNet25D(nn.Module):
             h = block(h, cond)
             skips.append(h)
         skips.pop()
+        decoder = []
         for upconv, block in zip(self.upconv, self.up):
             h = upconv(h)
             h = block(torch.cat([h, skips.pop()], dim=1), cond)
-        return torch.clamp(centre + self.head(h), 0.0, 1.0), h
+            if keep_decoder:
+                decoder.append(h)
+        return torch.clamp(centre + self.head(h), 0.0, 1.0), h, decoder
+
+
+def _multiscale(decoder: list[torch.Tensor]) -> torch.Tensor:
+    """Decoder outputs (coarse to fine) upsampled to the finest level and concatenated."""
+    size = decoder[-1].shape[-2:]
+    return torch.cat([decoder[-1]] + [F.interpolate(d, size=size, mode="nearest")
+                                      for d in decoder[:-1]], dim=1)
 
 
 class _ResnetBlock(nn.Module):

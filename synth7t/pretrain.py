@@ -94,7 +94,7 @@ def unclamped_output(net: UNet25D, x: torch.Tensor, cond: torch.Tensor) -> torch
     training keep the clamp.
     """
     k = net.config.n_slices // 2
-    _, feats = net._run(x, cond)
+    _, feats, _ = net._run(x, cond)
     return x[:, k:k + 1] + net.head(feats)
 
 

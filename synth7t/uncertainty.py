@@ -95,13 +95,17 @@ def is_monotonic(rows: list[dict], key: str = "mean_abs_error") -> bool:
     return all(b >= a for a, b in zip(vals, vals[1:]))
 
 
+#: Lesion-to-white-matter intensity of :func:`insert_lesion` (see there).
+FACTORS = {"T1w": 0.4, "T2w": 2.5, "FLAIR": 2.0}
+
+
 def insert_lesion(source: np.ndarray, region: np.ndarray, *, centre: tuple[int, int, int],
                   radius: float, contrast: str, edge: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
     """Insert a synthetic lesion (a soft-edged ball) into a source image, for validation.
 
-    The lesion mimics a chronic white-matter lesion: hypointense on T1w (x0.55),
-    hyperintense on T2w (x1.8) and FLAIR (x1.6), with a texture of its own. Nothing like it
-    is in the simulator's training anatomies (out-of-distribution input).
+    The lesion mimics a chronic white-matter lesion (:data:`FACTORS` x the white matter): a T1
+    "black hole", hyperintense on T2w and FLAIR, with a texture of its own, and the image is
+    normalised again afterwards as the App would normalise it.
 
     Parameters
     ----------
@@ -116,12 +120,16 @@ def insert_lesion(source: np.ndarray, region: np.ndarray, *, centre: tuple[int, 
     -------
     (image, lesion_mask)
     """
-    factor = {"T1w": 0.55, "T2w": 1.8, "FLAIR": 1.6}[contrast]
+    factor = {"T1w": FACTORS["T1w"], "T2w": FACTORS["T2w"], "FLAIR": FACTORS["FLAIR"]}[contrast]
     idx = np.indices(source.shape, dtype=np.float32)
     dist = np.sqrt(sum((idx[i] - centre[i]) ** 2 for i in range(3)))
     weight = np.clip((radius - dist) / edge + 0.5, 0.0, 1.0) * (np.asarray(region) > 0)
     rng = np.random.default_rng(0)
     texture = 1.0 + 0.08 * rng.standard_normal(source.shape).astype(np.float32)
     scaled = source * (1.0 + weight * (factor * texture - 1.0))
-    out = np.clip(scaled, 0.0, 1.0).astype(np.float32)
+    # normalised again as the App normalises any image (upper percentile of the brain -> 1), so a
+    # bright lesion is not merely clipped into a flat plateau at 1
+    from synth7t.intensity import normalise
+
+    out = normalise(scaled.astype(np.float32), np.asarray(source) > 0)
     return out, weight > 0.5
