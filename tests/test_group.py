@@ -341,8 +341,15 @@ def test_study_with_broken_participants_end_to_end(tmp_path, bids_3t):
     before = tree_digest(bids)
     out, work = tmp_path / "out", tmp_path / "work"
     proc = run_app([bids, out, "participant", "-w", work, "--nprocs", "2"], REPO)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == EX_BIDS_INVALID, text[-3000:]
+    check_first_run(proc.returncode, proc.stdout + proc.stderr, out)
+    assert tree_digest(bids) == before
+    check_label_run(bids, out, work)
+    check_group(bids, out, tmp_path, before)
+
+
+def check_first_run(returncode: int, text: str, out: Path) -> None:
+    """The whole dataset, validation on: exit 16, messages, summary, good derivatives, QC."""
+    assert returncode == EX_BIDS_INVALID, text[-3000:]
     for label, pattern in (("fourd", "T1W_FILE_WITH_TOO_MANY_DIMENSIONS"),
                            ("notnii", "NIFTI_HEADER_UNREADABLE"),
                            ("trunc", "truncated"), ("zero", "empty image")):
@@ -363,14 +370,18 @@ def test_study_with_broken_participants_end_to_end(tmp_path, bids_3t):
         qc = info["inputs"][0]["qc"]
         assert 900 < qc["BrainVolumeML"] < 2000 and qc["RegistrationDice"] > 0.8, qc
         assert -1 < qc["NoiseReduction"] < 1 and 0 < qc["TissueAgreementDice"] <= 1, qc
-    assert tree_digest(bids) == before
 
-    # one good participant alone (same work dir: cached) -> 0
+
+def check_label_run(bids: Path, out: Path, work: Path) -> None:
+    """--participant-label <good> on the dataset with the broken files exits 0."""
     proc = run_app([bids, out, "participant", "-w", work, "--nprocs", "2",
                     "--participant-label", "good1"], REPO)
     assert proc.returncode == EX_OK, (proc.stdout + proc.stderr)[-3000:]
+    assert "view of 1 participant" in proc.stderr and "sub-fourd" not in proc.stderr
 
-    # group level on that output
+
+def check_group(bids: Path, out: Path, tmp_path: Path, before: dict) -> None:
+    """The group level lists everyone with status and reason, flags an injected outlier."""
     proc = run_app([bids, out, "group"], REPO)
     assert proc.returncode == EX_OK, proc.stderr[-3000:]
     rows = {r["participant_id"]: r for r in _tsv(out / "group_qc.tsv")}
