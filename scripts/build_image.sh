@@ -146,16 +146,18 @@ host_pip() {  # value of a pip option as pip on the host sees it: $PIP_<KEY>, el
 }
 
 LOCAL_CPU_TORCH=0
-if [[ "$GPU" == 1 ]]; then
-    BUILD_ARGS+=(--build-arg "TORCH_INDEX_URL=")   # PyPI's Linux torch wheel is the CUDA build
-    say "GPU build: the host's find-links folders are not used (they may hold a CPU torch)"
-elif [[ "$HOST_PIP" == 1 && "$ENGINE" == podman ]]; then
+if [[ "$HOST_PIP" == 1 && "$ENGINE" == podman ]]; then
     cert="$(host_pip cert)"
     if [[ -n "$cert" && -f "$cert" ]]; then
         BUILD_OPTS+=(-v "$(readlink -f "$cert"):$MOUNT_ROOT/cert.pem:ro")
         BUILD_ARGS+=(--build-arg "PIP_CERT=$MOUNT_ROOT/cert.pem")
         say "pip in the build trusts the host pip's CA bundle"
     fi
+fi
+if [[ "$GPU" == 1 ]]; then
+    BUILD_ARGS+=(--build-arg "TORCH_INDEX_URL=")   # PyPI's Linux torch wheel is the CUDA build
+    say "GPU build: the host's find-links folders are not used (they may hold a CPU torch)"
+elif [[ "$HOST_PIP" == 1 && "$ENGINE" == podman ]]; then
     links=() i=0
     for fl in $(host_pip find-links); do
         if [[ -d "$fl" ]]; then
