@@ -213,6 +213,7 @@ def export_from_run(run_dir: str | Path, folder: Path = MODELS_DIR, *, version: 
                        "FiLM conditioning on source field bin and contrast; 5 neighbouring axial "
                        "slices in; residual on the centre slice, clamped to [0, 1])",
         "TrainingData": "; ".join(state["config"].get("data", [])),
+        "Uncertainty": _uncertainty_text(run_dir / "checkpoints" / f"{weights}.safetensors"),
         "Recipe": state["config"],
         "Loss": _loss_text(_Cfg(state["config"])),
         "Steps": state["step"],
@@ -317,6 +318,24 @@ def _loss_text(cfg) -> str:
                  "prediction and the predicted scale b (uncertainty head)")
     if getattr(cfg, "ema_decay", 0):
         text += f"; exported weights: EMA (decay {cfg.ema_decay:g})"
+    return text
+
+
+def _uncertainty_text(weights: Path) -> str | None:
+    """What the exported network's uncertainty output is (from its safetensors metadata)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    cfg = UNetConfig.from_json(meta.get("config", "{}"))
+    if not cfg.uncertainty:
+        return None
+    text = ("per-voxel expected absolute error ([0, 1] units): Laplace scale b of the uncertainty "
+            "head (synth7t.uncertainty)")
+    if cfg.ood_clusters:
+        text += ("; scaled by the feature-space novelty (squared Mahalanobis distance to the "
+                 "nearest of the fitted clusters over its quantile, where above 1; synth7t.ood: "
+                 + meta.get("ood", "") + ")")
     return text
 
 
