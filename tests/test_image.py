@@ -50,12 +50,19 @@ def _engine() -> list[str]:
     return ["podman"] + (["--runtime", "runc"] if shutil.which("runc") else [])
 
 
+def say(request, msg: str) -> None:
+    """Print into the test log even while output is captured (``make test`` runs without -s)."""
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled():
+        print(msg, flush=True)
+
+
 def _tail(text: str, n: int = 40) -> str:
     return "\n".join(text.splitlines()[-n:])
 
 
 @pytest.fixture(scope="session")
-def image():
+def image(request):
     """``scripts/build_image.sh`` (no arguments): the CPU image synth7t:<version>, once."""
     engine = _engine()
     t0 = time.monotonic()
@@ -70,7 +77,7 @@ def image():
     base = re.search(r"^build_image: \S+ build -t \S+ from \S+ on (\S+)$", log, re.M).group(1)
     size = int(subprocess.run(engine + ["image", "inspect", "--format", "{{.Size}}", tag],
                               capture_output=True, text=True, check=True).stdout.strip())
-    print(f"\nimage {tag}: built in {seconds:.0f} s on base {base}; "
+    say(request, f"\nimage {tag}: built in {seconds:.0f} s on base {base}; "
           f"size {size / 1e9:.2f} GB ({size} bytes, podman image inspect)")
     return SimpleNamespace(tag=tag, base=base, size=size, seconds=seconds, log=log,
                            engine=engine)
@@ -158,7 +165,7 @@ def make_task1_input(root: Path) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="module")
-def task1(image, tmp_path_factory):
+def task1(image, tmp_path_factory, request):
     """The platform's run of the image, its --check, and the same command on the host."""
     root = tmp_path_factory.mktemp("image_task1")
     inp, manifest = make_task1_input(root / "input")
@@ -176,7 +183,7 @@ def task1(image, tmp_path_factory):
                           env=_host_env(INPUT_DIR=str(inp), OUTPUT_DIR=str(host_out),
                                         MANIFEST=str(inp / "manifest.json"), TASK_ID="task1"))
     host.seconds = time.monotonic() - t0
-    print(f"\nTask 1 (2 samples of {manifest['volume_shape']}): image {run.seconds:.1f} s, "
+    say(request, f"\nTask 1 (2 samples of {manifest['volume_shape']}): image {run.seconds:.1f} s, "
           f"--check in the image {check.seconds:.1f} s, host {host.seconds:.1f} s")
     return SimpleNamespace(inp=inp, out=out, host_out=host_out, manifest=manifest, run=run,
                            check=check, host=host, before=before)
@@ -218,7 +225,7 @@ def test_image_runs_as_non_root_user(image):
 
 # --------------------------------------------------------------------------- BIDS App
 @pytest.fixture(scope="module")
-def bids_app(image, bids_3t, bids_3t_run, tmp_path_factory):
+def bids_app(image, bids_3t, bids_3t_run, tmp_path_factory, request):
     """sub-02 through ``--entrypoint synth7t``, input read-only; the host run is the session's
     documented run of the whole dataset (conftest.bids_3t_run, default options)."""
     root = tmp_path_factory.mktemp("image_bids")
@@ -227,7 +234,7 @@ def bids_app(image, bids_3t, bids_3t_run, tmp_path_factory):
     proc = run_image(image, ["-v", f"{bids_3t}:/data:ro", "-v", f"{out}:/out",
                              "-v", f"{work}:/work", "IMAGE", "/data", "/out", "participant",
                              "--participant-label", "02", "-w", "/work"], entrypoint="synth7t")
-    print(f"\nBIDS App sub-02 in the image: exit {proc.returncode} in {proc.seconds:.0f} s")
+    say(request, f"\nBIDS App sub-02 in the image: exit {proc.returncode} in {proc.seconds:.0f} s")
     return SimpleNamespace(out=out, proc=proc, host=bids_3t_run, bids=bids_3t, before=before,
                            after=tree_digest(bids_3t))
 
@@ -236,7 +243,7 @@ def _subject_files(root: Path, label: str) -> set[str]:
     return {f for f in _files(root) if f.split("/")[0].startswith(f"sub-{label}")}
 
 
-def test_bids_app_in_the_image(bids_app):
+def test_bids_app_in_the_image(bids_app, request):
     assert bids_app.proc.returncode == 0, _describe(bids_app.proc)
     assert bids_app.after == bids_app.before, "the read-only input changed"
     assert bids_app.host.proc.returncode == 0, _describe(bids_app.host.proc)
@@ -252,7 +259,7 @@ def test_bids_app_in_the_image(bids_app):
         if "desc-synth7T" in f and f.endswith(".nii.gz"):
             a = np.asarray(nib.load(bids_app.out / f).dataobj, dtype=np.float64)
             b = np.asarray(nib.load(bids_app.host.out / f).dataobj, dtype=np.float64)
-            print(f"{f}: max |image - host| = {np.abs(a - b).max():.3g}" if a.shape == b.shape
+            say(request, f"{f}: max |image - host| = {np.abs(a - b).max():.3g}" if a.shape == b.shape
                   else f"{f}: shapes differ {a.shape} {b.shape}")
 
 
@@ -268,7 +275,7 @@ def test_bids_app_missing_field_strength_exits_65(image, tmp_path):
 
 
 # --------------------------------------------------------------------------- build checks
-def test_tampered_weights_fail_the_build(image, tmp_path):
+def test_tampered_weights_fail_the_build(image, tmp_path, request):
     """A copy of the build context with one byte of a weight file changed does not build."""
     ctx = tmp_path / "context"
     ctx.mkdir()
@@ -292,7 +299,7 @@ def test_tampered_weights_fail_the_build(image, tmp_path):
                            "--base", image.base], cwd=REPO, capture_output=True, text=True,
                           timeout=BUILD_TIMEOUT)
     seconds = time.monotonic() - t0
-    print(f"\ntampered build: exit {proc.returncode} after {seconds:.0f} s")
+    say(request, f"\ntampered build: exit {proc.returncode} after {seconds:.0f} s")
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0, _tail(log)
     assert re.search(rf"{re.escape(weights[0])}: SHA-256 mismatch", log), _tail(log)
@@ -300,7 +307,7 @@ def test_tampered_weights_fail_the_build(image, tmp_path):
     assert exists.returncode != 0, f"{tag} was built from a tampered weight file"
 
 
-def test_image_hygiene(image):
+def test_image_hygiene(image, request):
     """CPU torch, no compiler, no pip/apt caches, no tests/work folders, size within budget."""
     script = r"""
 set -u
@@ -333,6 +340,6 @@ python -m pip list --format=freeze 2>/dev/null | sed 's/^/PKG /'
     host = {x.split("==")[0].lower(): x for x in host if "==" in x}
     differ = sorted(f"{pkgs[k]} (host {host[k]})" for k in pkgs.keys() & host.keys()
                     if pkgs[k] != host[k] and k != "synth7t")
-    print(f"\nimage {image.tag}: {image.size / 1e9:.2f} GB; {len(pkgs)} packages; "
+    say(request, f"\nimage {image.tag}: {image.size / 1e9:.2f} GB; {len(pkgs)} packages; "
           f"differing from the host venv: {', '.join(differ) or 'none'}")
     assert image.size <= MAX_IMAGE_BYTES, f"{image.size / 1e9:.2f} GB > 2.2 GB"
