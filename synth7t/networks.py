@@ -203,13 +203,24 @@ class UNet25D(nn.Module):
 
     def novelty(self, feats: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance (B, 1, H, W) of each pixel's features to the nearest
-        cluster of normal anatomy for the item's (contrast, field) pair."""
+        cluster of normal anatomy for the item's (contrast, field) pair.
+
+        Computed on 2 x 2 average-pooled features (upsampled back, nearest): novelty is a
+        property of a neighbourhood, and this keeps its cost a fraction of the network's.
+        With ``prec = L L^T``, ``d2 = |(f - mu) L|^2``: one matrix product per pixel.
+        """
         idx = pair_index(cond)
         b, ch, hh, ww = feats.shape
-        f = feats.permute(0, 2, 3, 1).reshape(b, 1, hh * ww, ch)
-        diff = f - self.ood_mean[idx][:, :, None, :]                    # (B, K, HW, C)
-        md = torch.einsum("bkpc,bcd,bkpd->bkp", diff, self.ood_prec[idx], diff)
-        return md.min(dim=1).values.reshape(b, 1, hh, ww)
+        pooled = F.avg_pool2d(feats, 2, ceil_mode=True)
+        ph, pw = pooled.shape[-2:]
+        f = pooled.permute(0, 2, 3, 1).reshape(b, ph * pw, ch)
+        chol = torch.linalg.cholesky(self.ood_prec[idx])                  # (B, C, C)
+        g = torch.bmm(f, chol)                                            # (B, P, C)
+        m = torch.bmm(self.ood_mean[idx], chol)                           # (B, K, C)
+        d2 = ((g * g).sum(-1, keepdim=True) - 2.0 * torch.bmm(g, m.transpose(1, 2))
+              + (m * m).sum(-1)[:, None, :])                              # (B, P, K)
+        d2 = d2.min(dim=2).values.clamp_min(0.0).reshape(b, 1, ph, pw)
+        return F.interpolate(d2, scale_factor=2, mode="nearest")[..., :hh, :ww]
 
     def features(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Multi-scale decoder features (B, :attr:`ood_dim`, H, W): every decoder level's output,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from .fields import CONTRASTS, SUPPORTED_BINS
 from .networks import UNet25D, UNetConfig, condition_vector, pair_index
@@ -45,9 +46,11 @@ def slab_features(net: UNet25D, slab, *, per_slab: int, rng: np.random.Generator
             if not slab.mask[:, :, z].any():
                 continue
             x = np.pad(slice_stack(src, z, n), ((0, 0), (0, px), (0, py)))
-            f = net.features(torch.from_numpy(x[None]), cond)[0, :, :X, :Y]
-            sel = slab.mask[:, :, z]
-            feats.append(f.permute(1, 2, 0).numpy()[sel])
+            # pooled 2 x 2 exactly as UNet25D.novelty reads them
+            f = F.avg_pool2d(net.features(torch.from_numpy(x[None]), cond), 2, ceil_mode=True)[0]
+            m = np.pad(slab.mask[:, :, z], ((0, px), (0, py))).astype(np.float32)
+            sel = F.avg_pool2d(torch.from_numpy(m)[None, None], 2, ceil_mode=True)[0, 0] > 0.5
+            feats.append(f.permute(1, 2, 0).numpy()[sel.numpy()])
     out = np.concatenate(feats) if feats else np.zeros((0, net.ood_dim), np.float32)
     if len(out) > per_slab:
         out = out[rng.choice(len(out), per_slab, replace=False)]
