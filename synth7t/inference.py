@@ -16,16 +16,14 @@ import numpy as np
 import torch
 
 from .baseline import tissue_map
-from .networks import UNet25D, UNetConfig, condition_vector
+from .networks import DEFAULT_TTA, UNet25D, UNetConfig, condition_vector  # noqa: F401
 from .registry import ModelEntry, ModelIntegrityError, safetensors_metadata
 
 #: In-plane sizes are padded to a multiple of this (4-level U-Net needs 8; 16 is safe for 5).
 PAD_MULTIPLE = 16
 #: Voxels of context kept around the mask's bounding box.
 MARGIN = 8
-#: Left-right test-time flips by default (BIDS App and challenge command); see the README's
-#: inference table for the measured quality/speed trade-off that set it.
-DEFAULT_TTA = False
+
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -321,7 +321,7 @@ def run(manifest: Manifest, *, model_dir: str | Path | None = None, model_name: 
     receives each sample's uncertainty map under the sample's output name, for models with an
     uncertainty head (:mod:`synth7t.uncertainty`).
     """
-    from synth7t.inference import DEFAULT_TTA
+    from synth7t.networks import DEFAULT_TTA
     from synth7t.registry import Registry, load_synthesizer
 
     t_start = time.time()
@@ -420,9 +420,10 @@ def run(manifest: Manifest, *, model_dir: str | Path | None = None, model_name: 
                 t1 = time.time()
                 tim["load"] = t1 - t0
                 want_unc = uncertainty_dir is not None and synths[key].has_uncertainty
+                extra = {"return_uncertainty": True} if want_unc else {}
                 pred = synths[key].predict(vol, vol > 0, others=others or None,
                                            batch_size=batch_size, tta=tta, threads=threads,
-                                           return_uncertainty=want_unc)
+                                           **extra)
                 if want_unc:
                     pred, unc = pred
                     unc_img = output_image(unc, img, data)
