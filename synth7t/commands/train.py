@@ -107,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _init_net(args, data_desc: list[str]):
+    """The ``--init-from`` network (recorded in ``data_desc``), None without it, False on error."""
+    if not args.init_from:
+        return None
+    from synth7t.registry import RegistryError
+    from synth7t.train import load_registry_unet
+
+    try:
+        net = load_registry_unet(args.init_from, model_dir=args.model_dir)
+    except RegistryError as exc:
+        print(f"synth7t-train: {exc}", file=sys.stderr)
+        return False
+    data_desc.append(f"initialised from registry model {args.init_from!r}")
+    return net
+
+
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)
 
@@ -114,10 +130,8 @@ def _log(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from synth7t.fields import CONTRASTS, SUPPORTED_BINS
-    from synth7t.registry import RegistryError
     from synth7t.train import (PatchSampler, SimulatorSource, TrainConfig, Trainer,
-                               VolumePairSource, bids_pairs, load_registry_unet,
-                               mrixfields_pairs, validation_slabs)
+                               VolumePairSource, bids_pairs, mrixfields_pairs, validation_slabs)
     from synth7t.export import default_card, export_model
     from synth7t.sources import RandomAnatomies
 
@@ -196,14 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     if real_pairs:
         sources.append((VolumePairSource(real_pairs, depth=args.slab_depth), 1.0))
 
-    init_net = None
-    if args.init_from:
-        try:
-            init_net = load_registry_unet(args.init_from, model_dir=args.model_dir)
-        except RegistryError as exc:
-            print(f"synth7t-train: {exc}", file=sys.stderr)
-            return 65
-        data_desc.append(f"initialised from registry model {args.init_from!r}")
+    init_net = _init_net(args, data_desc)
+    if init_net is False:
+        return 65
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, patch=args.patch,
                       lr=args.lr or (2e-4 if init_net is not None else 1e-3), seed=args.seed,
@@ -264,9 +273,7 @@ def _pretrain(args: argparse.Namespace, contrasts: tuple[str, ...]) -> int:
     from synth7t.pretrain import (PretrainConfig, PretrainTrainer, UnpairedSource,
                                   masked_sampler, pretrain_card, split_volumes,
                                   validation_batches)
-    from synth7t.registry import RegistryError
     from synth7t.sources import unpaired_volumes
-    from synth7t.train import load_registry_unet
 
     name = args.name or "pretrained"
     vols = unpaired_volumes(args.pretrain_unpaired, contrasts=contrasts, fields=args.fields)
@@ -284,14 +291,9 @@ def _pretrain(args: argparse.Namespace, contrasts: tuple[str, ...]) -> int:
                 "(every 20th in path order)" if held else
                 "validation: masked reconstruction loss on fixed batches of the training images "
                 "(fewer than 20 images: none held out)")
-    init_net = None
-    if args.init_from:
-        try:
-            init_net = load_registry_unet(args.init_from, model_dir=args.model_dir)
-        except RegistryError as exc:
-            print(f"synth7t-train: {exc}", file=sys.stderr)
-            return 65
-        data_desc.append(f"initialised from registry model {args.init_from!r}")
+    init_net = _init_net(args, data_desc)
+    if init_net is False:
+        return 65
     cfg = PretrainConfig(
         steps=args.steps, batch_size=args.batch_size, patch=args.patch,
         lr=args.lr or (2e-4 if init_net is not None else 1e-3), seed=args.seed,
