@@ -32,6 +32,8 @@ METHOD = ("Laplace scale b from the network's uncertainty head (trained with the
           "flips, plus half the flips' absolute disagreement")
 METHOD_NO_TTA = ("Laplace scale b from the network's uncertainty head (trained with the Laplace "
                  "negative log-likelihood on simulated pairs)")
+NOVELTY = ("; scaled up where the network's features are unlike normal anatomy (squared "
+           "Mahalanobis distance to fitted clusters above their 99 % quantile; synth7t.ood)")
 
 
 def summarise(uncertainty: np.ndarray, mask: np.ndarray, *,

@@ -37,7 +37,9 @@ def expected_files(label: str) -> list[str]:
              f"{p}_from-{REF_SPACE}_to-{a}_mode-image_xfm.h5"]
     for c in contrasts:
         files += [f"{p}_desc-preproc_{c}.nii.gz", f"{p}_space-{REF_SPACE}_desc-preproc_{c}.nii.gz",
-                  f"{p}_space-{REF_SPACE}_desc-synth7T_{c}.nii.gz", f"{p}_desc-synth7T_{c}.nii.gz"]
+                  f"{p}_space-{REF_SPACE}_desc-synth7T_{c}.nii.gz", f"{p}_desc-synth7T_{c}.nii.gz",
+                  f"{p}_space-{REF_SPACE}_desc-uncertainty_{c}.nii.gz",
+                  f"{p}_desc-uncertainty_{c}.nii.gz"]
         if c != a:
             files += [f"{p}_space-{c}_desc-brain_mask.nii.gz",
                       f"{p}_from-{c}_to-{a}_mode-image_xfm.txt",

@@ -509,7 +509,7 @@ class Synthesize(SimpleInterface):
         save_image(out, img.affine, out_file, dtype=self.inputs.storage_dtype, code=MNI_CODE)
         self._results["out_file"] = out_file
         if self.inputs.uncertainty:
-            from synth7t.uncertainty import METHOD, METHOD_NO_TTA, summarise
+            from synth7t.uncertainty import METHOD, METHOD_NO_TTA, NOVELTY, summarise
 
             if unc is None:
                 raise RuntimeError(f"model {self.inputs.model_name} for {self.inputs.contrast} "
@@ -522,6 +522,8 @@ class Synthesize(SimpleInterface):
             self._results["out_uncertainty"] = unc_file
             summary = summarise(unc, mask)
             summary["UncertaintyMethod"] = METHOD if self.inputs.tta else METHOD_NO_TTA
+            if getattr(getattr(synth, "config", None), "ood_clusters", 0):
+                summary["UncertaintyMethod"] += NOVELTY
             self._results["uncertainty_summary"] = summary
         return runtime
 
