@@ -400,7 +400,9 @@ def check_group(bids: Path, out: Path, tmp_path: Path, before: dict) -> None:
     # inject an outlier: more participants from good1's record, one with the volume doubled
     study = tmp_path / "study"
     shutil.copytree(out, study, ignore=shutil.ignore_patterns("*.nii.gz"))
-    (rec_file,) = (study / "logs" / "sub-good1").glob("run-*.json")
+    # good1 has a record per run (the whole dataset, then --participant-label): the newest
+    rec_file = max((study / "logs" / "sub-good1").glob("run-*.json"),
+                   key=lambda f: json.loads(f.read_text())["end_time"])
     rec = json.loads(rec_file.read_text())
     vol = rec["inputs"][0]["qc"]["BrainVolumeML"]
     for k, factor in enumerate((0.97, 1.02, 0.99, 1.01, 1.03, 2.0)):
