@@ -212,6 +212,6 @@ def test_real_report_in_browser(e2e, label, tmp_path):
     report = e2e.out / f"sub-{label}.html"
     assert report.is_file(), report
     images = check_report_in_chromium(report, tmp_path)
-    # per contrast: brain mask, registration, three mosaics
-    assert len(images) == 5 * len(CONTRASTS[label])
+    # per contrast: mask, registration, 3 mosaics and the uncertainty overlay
+    assert len(images) == 6 * len(CONTRASTS[label])
     assert all(f"sub-{label}/figures/" in src for src, _, _ in images)
