@@ -113,7 +113,7 @@ def outside_physics(seed: int, frac: float = 0.2):
     """The physics table with source draws from a band ``frac`` beyond the training ranges."""
     import copy
 
-    from synth7t.physics import Physics
+    from synth7t.physics import Physics, source_ranges
 
     train = Physics.load().widened()
     tab = copy.deepcopy(train.table)
@@ -123,25 +123,13 @@ def outside_physics(seed: int, frac: float = 0.2):
         w = max(hi - lo, 0.05 * max(abs(hi), 1e-6))
         return [hi, hi + frac * w] if side > 0 else [max(lo - frac * w, 1e-3), lo]
 
-    for contrast, per_field in tab["protocols"].items():
-        if contrast.startswith("_"):
-            continue
-        for key, spec in per_field.items():
-            if key == "7":
-                continue
-            for par in ("TR_ms", "TE_ms", "TI_ms", "FA_deg"):
-                if isinstance(spec.get(par), dict) and "range" in spec[par]:
-                    spec[par]["range"] = band(*spec[par]["range"], 1 if rng.random() < 0.5 else -1)
-    for key, spec in tab["snr_wm"].items():
-        if not key.startswith("_") and key != "7":
-            spec["range"] = band(*spec["range"], -1)
-    for contrast, per_field in tab["resolution"].items():
-        if contrast.startswith("_"):
-            continue
-        for key, spec in per_field.items():
-            if key != "7":
-                spec["voxel_mm"] = [band(a, b, 1) if b > 0.5 + 1e-6 else [a, b]
-                                    for a, b in spec["voxel_mm"]]
+    for kind, spec, key in source_ranges(tab):
+        if kind == "protocol":
+            spec[key]["range"] = band(*spec[key]["range"], 1 if rng.random() < 0.5 else -1)
+        elif kind == "snr":
+            spec[key] = band(*spec[key], -1)
+        elif kind == "voxel":
+            spec[key] = [band(a, b, 1) if b > 0.5 + 1e-6 else [a, b] for a, b in spec[key]]
     return Physics(tab)
 
 

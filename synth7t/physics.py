@@ -217,36 +217,21 @@ class Physics:
             c, h = 0.5 * (lo + hi), 0.5 * (hi - lo) * (1 + scale * (factor - 1))
             return [max(c - h, 1e-3), c + h]
 
-        for contrast, per_field in tab["protocols"].items():
-            if contrast.startswith("_"):
-                continue
-            for spec in per_field.values():
-                for key in ("TR_ms", "TE_ms", "TI_ms", "FA_deg"):
-                    par = spec.get(key)
-                    if not isinstance(par, dict) or "range" not in par:
-                        continue
-                    inv = spec["sequence"] in ("mprage", "inversion_recovery") and key in ("TI_ms", "TR_ms")
-                    f = w["inversion_factor" if inv else "protocol_factor"]["value"]
-                    par["range"] = stretch(*par["range"], f)
         lo_f, hi_f = w["snr"]["value"]
-        for key, spec in tab["snr_wm"].items():
-            if key.startswith("_") or key == "7":
-                continue
-            lo, hi = spec["range"]
-            spec["range"] = [lo * (1 - scale * (1 - lo_f)), hi * (1 + scale * (hi_f - 1))]
         vlo, vhi = w["voxel"]["value"]
-        for contrast, per_field in tab["resolution"].items():
-            if contrast.startswith("_"):
-                continue
-            for key, spec in per_field.items():
-                if key == "7":
-                    continue
-                spec["voxel_mm"] = [[max(0.5, a * (1 - scale * (1 - vlo))), b * (1 + scale * (vhi - 1))]
-                                    if b > 0.5 + 1e-6 else [a, b] for a, b in spec["voxel_mm"]]
-        for key, spec in tab["bias"].items():
-            if key.startswith("_") or key == "7":
-                continue
-            spec["amplitude"] = [a * (1 + scale * (w["bias"]["value"] - 1)) for a in spec["amplitude"]]
+        for kind, spec, key in source_ranges(tab):
+            if kind == "protocol":
+                inv = spec["sequence"] in ("mprage", "inversion_recovery") and key in ("TI_ms", "TR_ms")
+                f = w["inversion_factor" if inv else "protocol_factor"]["value"]
+                spec[key]["range"] = stretch(*spec[key]["range"], f)
+            elif kind == "snr":
+                lo, hi = spec[key]
+                spec[key] = [lo * (1 - scale * (1 - lo_f)), hi * (1 + scale * (hi_f - 1))]
+            elif kind == "voxel":
+                spec[key] = [[max(0.5, a * (1 - scale * (1 - vlo))), b * (1 + scale * (vhi - 1))]
+                             if b > 0.5 + 1e-6 else [a, b] for a, b in spec[key]]
+            else:  # bias
+                spec[key] = [a * (1 + scale * (w["bias"]["value"] - 1)) for a in spec[key]]
         return Physics(tab)
 
     # protocols ----------------------------------------------------------------------------------
@@ -316,6 +301,36 @@ class Physics:
         protocol = protocol or self.protocol(contrast, field)
         return {t: self.tissue_signal(t, contrast, field, protocol)
                 for t in (self.tissues if tissues is None else tissues)}
+
+
+def source_ranges(table: dict[str, Any]):
+    """Every randomised range of the source fields in a physics table (never the 7 T target).
+
+    Yields ``(kind, spec, key)`` with ``spec[key]`` the range: kind ``"protocol"`` (``key`` is
+    the parameter, e.g. ``"TE_ms"``, and ``spec[key]["range"]`` the range), ``"snr"``,
+    ``"voxel"`` or ``"bias"``. Walking order is fixed (table order), so seeded edits of the
+    ranges are reproducible.
+    """
+    for contrast, per_field in table["protocols"].items():
+        if contrast.startswith("_"):
+            continue
+        for fkey, spec in per_field.items():
+            if fkey == "7":
+                continue
+            for key in ("TR_ms", "TE_ms", "TI_ms", "FA_deg"):
+                if isinstance(spec.get(key), dict) and "range" in spec[key]:
+                    yield "protocol", spec, key
+    for section, kind, key in (("snr_wm", "snr", "range"), ("resolution", "voxel", "voxel_mm"),
+                               ("bias", "bias", "amplitude")):
+        for name, entry in table[section].items():
+            if name.startswith("_") or name == "7":
+                continue
+            if section == "resolution":  # per contrast, then per field
+                for fkey, spec in entry.items():
+                    if fkey != "7":
+                        yield kind, spec, key
+            else:
+                yield kind, entry, key
 
 
 def _check_contrast(contrast: str) -> None:
