@@ -81,8 +81,8 @@ def bids_3t_run(tmp_path_factory, bids_3t):
     """``synth7t ../shared/data/bids_3t <out> participant -w <work>``, once per session.
 
     The documented command with default options (MultiProc). tests/test_e2e.py checks it and
-    runs it again on the same work dir; tests/test_slurm.py use its
-    outputs (the report in a browser, the MultiProc reference for the SLURM plugins).
+    runs it again on the same work dir; tests/test_brain_extraction.py, test_real_outputs.py and
+    test_image.py read its outputs.
     """
     from types import SimpleNamespace
 
