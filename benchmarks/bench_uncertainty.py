@@ -12,8 +12,10 @@ shipped ``default`` model (or ``--model-dir``):
   map is meant as an expected absolute error);
 * out of distribution: a synthetic chronic-lesion ball (radius 6 mm; T1w hypo-, T2w/FLAIR
   hyperintense, :func:`synth7t.uncertainty.insert_lesion`) inserted into the white matter of
-  the source image; mean uncertainty in the lesion over mean uncertainty in normal white
-  matter (target >= 2).
+  the source image and normalised as the App normalises the whole brain (the lesion enters the
+  upper percentile with its share of the whole Colin27 brain, not of the slab: see
+  ``insert_lesion(brain_voxels=...)``); mean uncertainty in the lesion over mean uncertainty in
+  normal white matter (target >= 2).
 
 Usage::
 
@@ -39,7 +41,8 @@ INPLANE = np.ones((3, 3, 1), bool)
 
 
 def lesion_ratio(synth, src: np.ndarray, mask: np.ndarray, wm: np.ndarray, contrast: str, *,
-                 tta: bool | None, threads: int) -> tuple[float, float, float]:
+                 tta: bool | None, threads: int,
+                 brain_voxels: int | None = None) -> tuple[float, float, float]:
     """(lesion mean uncertainty, normal-WM mean uncertainty, ratio) for one slab."""
     from scipy import ndimage as ndi
 
@@ -54,7 +57,7 @@ def lesion_ratio(synth, src: np.ndarray, mask: np.ndarray, wm: np.ndarray, contr
     cx, cy = np.unravel_index(int(np.argmax(dist)), dist.shape)
     radius = 12.0  # voxels of 0.5 mm: 6 mm
     lesioned, lesion = insert_lesion(src, wm & mask, centre=(int(cx), int(cy), z), radius=radius,
-                                     contrast=contrast)
+                                     contrast=contrast, brain_voxels=brain_voxels)
     _, unc = synth.predict(lesioned, mask, tta=tta, threads=threads, return_uncertainty=True)
     far = ndi.binary_dilation(lesion, structure=INPLANE, iterations=16)
     normal = core & ~far
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                                           return_uncertainty=True)
                 us.append(unc[mask])
                 es.append(np.abs(pred - tgt)[mask])
-                lr.append(lesion_ratio(synth, src, mask, wm, c, tta=tta, threads=args.threads))
+                lr.append(lesion_ratio(synth, src, mask, wm, c, tta=tta, threads=args.threads,
+                                       brain_voxels=int(mask0.sum())))
             u, e = np.concatenate(us), np.concatenate(es)
             key = f"{c}@{bin_label(fb)}"
             cal = decile_calibration(u, e)

@@ -102,12 +102,13 @@ FACTORS = {"T1w": 0.4, "T2w": 2.5, "FLAIR": 2.0}
 
 
 def insert_lesion(source: np.ndarray, region: np.ndarray, *, centre: tuple[int, int, int],
-                  radius: float, contrast: str, edge: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+                  radius: float, contrast: str, edge: float = 1.5,
+                  brain_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Insert a synthetic lesion (a soft-edged ball) into a source image, for validation.
 
     The lesion mimics a chronic white-matter lesion (:data:`FACTORS` x the white matter): a T1
     "black hole", hyperintense on T2w and FLAIR, with a texture of its own, and the image is
-    normalised again afterwards as the App would normalise it.
+    normalised again afterwards as the App would normalise the whole brain it belongs to.
 
     Parameters
     ----------
@@ -117,21 +118,34 @@ def insert_lesion(source: np.ndarray, region: np.ndarray, *, centre: tuple[int, 
         Where the lesion may lie (e.g. the white matter); the ball is cut to it.
     centre, radius
         Ball centre (voxels) and radius (voxels).
+    brain_voxels
+        Brain voxels of the whole volume ``source`` is a part of (e.g. a slab of a 0.5 mm brain:
+        about 1.2 L / 0.125 mL = 9.6 million). The App normalises the whole brain (its upper
+        percentile -> 1), where a small lesion barely moves the percentile and a bright one is
+        clipped at 1; renormalising a slab alone would let the lesion set the percentile and
+        darken all normal tissue, an input no App run sees. With ``brain_voxels`` the lesion
+        enters the percentile with its share of the whole brain (the rest of the brain taken to
+        look like the slab's normal tissue). Default: ``source`` is the whole brain.
 
     Returns
     -------
     (image, lesion_mask)
     """
+    from synth7t.intensity import UPPER_PERCENTILE
+
     factor = {"T1w": FACTORS["T1w"], "T2w": FACTORS["T2w"], "FLAIR": FACTORS["FLAIR"]}[contrast]
     idx = np.indices(source.shape, dtype=np.float32)
     dist = np.sqrt(sum((idx[i] - centre[i]) ** 2 for i in range(3)))
     weight = np.clip((radius - dist) / edge + 0.5, 0.0, 1.0) * (np.asarray(region) > 0)
     rng = np.random.default_rng(0)
     texture = 1.0 + 0.08 * rng.standard_normal(source.shape).astype(np.float32)
-    scaled = source * (1.0 + weight * (factor * texture - 1.0))
-    # normalised again as the App normalises any image (upper percentile of the brain -> 1), so a
-    # bright lesion is not merely clipped into a flat plateau at 1
-    from synth7t.intensity import normalise
-
-    out = normalise(scaled.astype(np.float32), np.asarray(source) > 0)
+    src = np.asarray(source, dtype=np.float32)
+    scaled = (src * (1.0 + weight * (factor * texture - 1.0))).astype(np.float32)
+    brain = src > 0
+    values = [scaled[brain]]
+    if brain_voxels is not None and brain.any():
+        # the rest of the whole brain, as many copies of the slab's un-lesioned tissue
+        values += [src[brain]] * max(int(round(brain_voxels / brain.sum())) - 1, 0)
+    hi = float(np.percentile(np.concatenate(values), UPPER_PERCENTILE)) if brain.any() else 1.0
+    out = np.where(brain, np.clip(scaled / (hi or 1.0), 0.0, 1.0), 0.0).astype(np.float32)
     return out, weight > 0.5

@@ -136,6 +136,25 @@ def test_lesion_insertion_changes_only_the_ball():
     assert out.max() <= 1.0
 
 
+
+def test_lesion_share_of_the_whole_brain_sets_the_percentile():
+    """A bright lesion filling a slab's top percentiles darkens the slab when the slab alone is
+    renormalised; counted with its share of the whole brain it is clipped at 1 instead, and
+    normal tissue keeps its intensity (as in an App run on the whole brain)."""
+    rng = np.random.default_rng(3)
+    img = np.clip(0.8 + 0.05 * rng.standard_normal((40, 40, 8)), 0, 1).astype(np.float32)
+    img /= np.percentile(img, 99.8)
+    img = np.clip(img, 0, 1)
+    region = np.ones(img.shape, bool)
+    slab, lesion = U.insert_lesion(img, region, centre=(20, 20, 4), radius=5, contrast="FLAIR")
+    whole, lesion2 = U.insert_lesion(img, region, centre=(20, 20, 4), radius=5, contrast="FLAIR",
+                                     brain_voxels=img.size * 100)
+    assert (lesion == lesion2).all() and lesion.sum() > 0.002 * img.size
+    normal = ~np.pad(np.ones((14, 14, 8), bool), ((13, 13), (13, 13), (0, 0)))
+    assert slab[normal].mean() < 0.8 * img[normal].mean()  # the slab artefact
+    assert whole[normal].mean() == pytest.approx(img[normal].mean(), rel=0.03)
+    assert np.median(whole[lesion]) == 1.0 and whole.max() <= 1.0
+
 # --------------------------------------------------------------------------- graph
 def _images(contrasts, field=3.0):
     return {c: SimpleNamespace(path=Path(f"/data/bids/sub-01/anat/sub-01_{c}.nii.gz"),
