@@ -191,12 +191,26 @@ def _entities(participant: str, session: str | None) -> str:
 DISPLAY_MIN_ZOOM = 0.9
 
 
-def _load3d(path: Path):
+def _load3d(path: Path, *, mask: bool = False):
+    """The image as float32, already halved once when its voxels are below the display size.
+
+    The first halving runs on the stored integers and the scaling (slope, intercept) on the 8x
+    smaller result: the same numbers (the block mean is linear), without scaling every voxel of
+    a 0.5 mm volume first (~1 s each).
+    """
     import nibabel as nb
 
     img = nb.load(str(path))
     if img.ndim > 3:
         img = img.slicer[..., 0]
+    slope, inter = (img.dataobj.slope, img.dataobj.inter) if nb.is_proxy(img.dataobj) else (1, 0)
+    if min(img.header.get_zooms()[:3]) < DISPLAY_MIN_ZOOM and min(img.shape[:3]) > 8:
+        raw = img.dataobj.get_unscaled() if nb.is_proxy(img.dataobj) else img.dataobj
+        half = _halve(nb.Nifti1Image(np.asanyarray(raw), img.affine), mask=False)
+        data = np.asanyarray(half.dataobj) * np.float32(slope) + np.float32(inter)
+        if mask:
+            data = (data >= 0.5).astype(np.float32)
+        return nb.Nifti1Image(data.astype(np.float32, copy=False), half.affine)
     return nb.Nifti1Image(np.asanyarray(img.dataobj, dtype=np.float32), img.affine)
 
 
@@ -204,9 +218,10 @@ def _halve(img, *, mask: bool):
     """2x2x2 block mean (a mask is re-binarised); the affine keeps world positions."""
     import nibabel as nb
 
-    data = np.asanyarray(img.dataobj, dtype=np.float32)
+    data = np.asanyarray(img.dataobj)
     sx, sy, sz = (d - d % 2 for d in data.shape)
-    data = data[:sx, :sy, :sz].reshape(sx // 2, 2, sy // 2, 2, sz // 2, 2).mean(axis=(1, 3, 5))
+    data = data[:sx, :sy, :sz].reshape(sx // 2, 2, sy // 2, 2, sz // 2, 2).mean(
+        axis=(1, 3, 5), dtype=np.float32)
     if mask:
         data = (data >= 0.5).astype(np.float32)
     scale = np.array([[2, 0, 0, 0.5], [0, 2, 0, 0.5], [0, 0, 2, 0.5], [0, 0, 0, 1.0]])
@@ -225,7 +240,7 @@ class _Images:
         if key not in self._img:
             from nilearn.image import reorder_img
 
-            img = _load3d(Path(path))
+            img = _load3d(Path(path), mask=mask)
             while min(img.header.get_zooms()[:3]) < DISPLAY_MIN_ZOOM and min(img.shape) > 8:
                 img = _halve(img, mask=mask)
             # nilearn plots on an axis-aligned RAS grid and resamples an oblique image for every
