@@ -367,13 +367,23 @@ def signed_distance(mask: np.ndarray, zooms, *, clip: float = SDF_CLIP_MM) -> np
     """
     m = np.asarray(mask, bool)
     zooms = tuple(float(z) for z in zooms)
+    out = np.full(m.shape, -clip, np.float32)
     if not m.any():
-        return np.full(m.shape, -clip, np.float32)
-    inside = ndi.distance_transform_edt(m, sampling=zooms)
-    outside = ndi.distance_transform_edt(~m, sampling=zooms)
+        return out
+    # Only the mask's bounding box plus the clip distance can hold values above -clip, and the
+    # transforms are exact there (an inside voxel's nearest background voxel is never farther
+    # than the box's outer layer): ~3x less work than over a whole-head field of view.
+    box = []
+    for ax in range(3):
+        idx = np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax)))
+        pad = int(np.ceil(clip / zooms[ax])) + 1
+        box.append(slice(max(int(idx[0]) - pad, 0), min(int(idx[-1]) + pad + 1, m.shape[ax])))
+    sub = m[tuple(box)]
+    inside = ndi.distance_transform_edt(sub, sampling=zooms)
+    outside = ndi.distance_transform_edt(~sub, sampling=zooms)
     half = 0.5 * min(zooms)
-    sdf = np.where(m, inside - half, half - outside)
-    return np.clip(sdf, -clip, clip).astype(np.float32)
+    out[tuple(box)] = np.clip(np.where(sub, inside - half, half - outside), -clip, clip)
+    return out
 
 
 def resample_mask(mask_img: nib.Nifti1Image, resample, *, clean: bool = True) -> np.ndarray:

@@ -173,6 +173,24 @@ def test_signed_distance_zero_level_on_the_boundary():
     assert sdf.max() <= BE.SDF_CLIP_MM and sdf.min() >= -BE.SDF_CLIP_MM
 
 
+
+@pytest.mark.parametrize("zooms", [(1, 1, 1), (0.5, 0.5, 3.0)])
+def test_signed_distance_on_the_mask_box_equals_the_whole_grid(zooms):
+    """The transform runs on the mask's bounding box + the clip distance only: same numbers as
+    over the whole grid, also where the mask touches the field of view."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(0)
+    m = ndi.binary_opening(ndi.gaussian_filter(rng.random((60, 50, 40)), 3) > 0.5, iterations=2)
+    m[:, :, :5] = False
+    m[20:40, 10:30, 30:] = True  # reaches the last slice
+    inside = ndi.distance_transform_edt(m, sampling=zooms)
+    outside = ndi.distance_transform_edt(~m, sampling=zooms)
+    half = 0.5 * min(zooms)
+    whole = np.clip(np.where(m, inside - half, half - outside), -BE.SDF_CLIP_MM, BE.SDF_CLIP_MM)
+    assert m.any() and (~m).sum() > m.sum() / 4
+    np.testing.assert_array_equal(BE.signed_distance(m, zooms), whole.astype(np.float32))
+
 def test_tiny_field_of_view_falls_back_to_template(monkeypatch):
     from conftest import tiny_image
 
