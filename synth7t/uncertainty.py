@@ -131,7 +131,7 @@ def insert_lesion(source: np.ndarray, region: np.ndarray, *, centre: tuple[int, 
     -------
     (image, lesion_mask)
     """
-    from synth7t.intensity import UPPER_PERCENTILE
+    from synth7t.intensity import UPPER_PERCENTILE, normalise
 
     factor = {"T1w": FACTORS["T1w"], "T2w": FACTORS["T2w"], "FLAIR": FACTORS["FLAIR"]}[contrast]
     idx = np.indices(source.shape, dtype=np.float32)
@@ -142,10 +142,11 @@ def insert_lesion(source: np.ndarray, region: np.ndarray, *, centre: tuple[int, 
     src = np.asarray(source, dtype=np.float32)
     scaled = (src * (1.0 + weight * (factor * texture - 1.0))).astype(np.float32)
     brain = src > 0
-    values = [scaled[brain]]
-    if brain_voxels is not None and brain.any():
-        # the rest of the whole brain, as many copies of the slab's un-lesioned tissue
-        values += [src[brain]] * max(int(round(brain_voxels / brain.sum())) - 1, 0)
-    hi = float(np.percentile(np.concatenate(values), UPPER_PERCENTILE)) if brain.any() else 1.0
-    out = np.where(brain, np.clip(scaled / (hi or 1.0), 0.0, 1.0), 0.0).astype(np.float32)
+    if brain_voxels is None or not brain.any():
+        return normalise(scaled, brain), weight > 0.5
+    # the rest of the whole brain, as many copies of the slab's un-lesioned tissue
+    copies = max(int(round(brain_voxels / brain.sum())) - 1, 0)
+    hi = float(np.percentile(np.concatenate([scaled[brain]] + [src[brain]] * copies),
+                             UPPER_PERCENTILE)) or 1.0
+    out = np.where(brain, np.clip(scaled / hi, 0.0, 1.0), 0.0).astype(np.float32)
     return out, weight > 0.5

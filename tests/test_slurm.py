@@ -8,9 +8,10 @@
   job it names in ``SLURM_JOB_ID``), and every derivative equals that of a MultiProc run with the
   same options (images and sidecars, ITK transforms within a tolerance; the tissue-table
   baseline models and no uncertainty maps keep the three runs short: the scheduler is under
-  test here, the U-Net under MultiProc in tests/test_e2e.py); a node that crashes inside its SLURM job makes
-  the App exit 1 naming it, and the crash is proven to have happened in a SLURM job (not in a
-  silent MultiProc fallback); a wrong SHA-256 is refused before any job is submitted (exit 65).
+  test here, the U-Net under MultiProc in tests/test_e2e.py); a node that crashes inside its
+  SLURM job makes the App exit 1 naming it, and the crash is proven to have happened in a SLURM
+  job (not in a silent MultiProc fallback); a wrong SHA-256 is refused before any job is
+  submitted (exit 65).
 
 Skipped only when ``sinfo`` is absent. ``sinfo`` present but no idle node is a failure.
 """
@@ -431,9 +432,9 @@ def _model_dir(root: Path, *, contrasts=("T1w",), bad: dict[str, bytes] | None =
 
     folder = root / "models"
     folder.mkdir()
-    entries = []
+    shipped, entries = Registry.load(), []
     for contrast in contrasts:
-        e = Registry.load().get(contrast, 3.0, name="baseline")
+        e = shipped.get(contrast, 3.0, name="baseline")
         data = (bad or {}).get(contrast, e.file.read_bytes())
         name = f"params_{contrast}.json"
         (folder / name).write_bytes(data)
