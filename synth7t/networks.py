@@ -193,8 +193,8 @@ class UNet25D(nn.Module):
         if self.config.ood_clusters:
             # novel features (beyond the q-quantile of normal anatomy) scale the expected error
             # up in proportion: the head was never shown such input, so its b is not to be trusted
-            multi = _multiscale(decoder)
-            ratio = self.novelty(multi, cond) / self.ood_q[pair_index(cond)].view(-1, 1, 1, 1)
+            d2 = self.novelty(_pooled_multiscale(decoder), cond, size=tuple(b.shape[-2:]))
+            ratio = d2 / self.ood_q[pair_index(cond)].view(-1, 1, 1, 1)
             b = b * (1.0 + torch.clamp(ratio - 1.0, min=0.0))
         return pred, b
 
@@ -204,18 +204,18 @@ class UNet25D(nn.Module):
         c = self.config
         return sum(c.base * 2 ** i for i in range(c.levels - 1))
 
-    def novelty(self, feats: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def novelty(self, pooled: torch.Tensor, cond: torch.Tensor, *,
+                size: tuple[int, int]) -> torch.Tensor:
         """Squared Mahalanobis distance (B, 1, H, W) of each pixel's features to the nearest
         cluster of normal anatomy for the item's (contrast, field) pair.
 
-        Computed on 2 x 2 average-pooled features (upsampled back, nearest): novelty is a
-        property of a neighbourhood, and this keeps its cost a fraction of the network's.
-        With ``prec = L L^T``, ``d2 = |(f - mu) L|^2``: one matrix product per pixel.
+        Computed on 2 x 2 average-pooled features (:meth:`pooled_features`) and taken back to
+        ``size`` (nearest): novelty is a property of a neighbourhood, and this keeps its cost a
+        fraction of the network's. With ``prec = L L^T``, ``d2 = |(f - mu) L|^2``: one matrix
+        product per pixel.
         """
         idx = pair_index(cond)
-        b, ch, hh, ww = feats.shape
-        pooled = F.avg_pool2d(feats, 2, ceil_mode=True)
-        ph, pw = pooled.shape[-2:]
+        b, ch, ph, pw = pooled.shape
         f = pooled.permute(0, 2, 3, 1).reshape(b, ph * pw, ch)
         chol = torch.linalg.cholesky(self.ood_prec[idx])                  # (B, C, C)
         g = torch.bmm(f, chol)                                            # (B, P, C)
@@ -223,12 +223,12 @@ class UNet25D(nn.Module):
         d2 = ((g * g).sum(-1, keepdim=True) - 2.0 * torch.bmm(g, m.transpose(1, 2))
               + (m * m).sum(-1)[:, None, :])                              # (B, P, K)
         d2 = d2.min(dim=2).values.clamp_min(0.0).reshape(b, 1, ph, pw)
-        return F.interpolate(d2, scale_factor=2, mode="nearest")[..., :hh, :ww]
+        return F.interpolate(d2, scale_factor=2, mode="nearest")[..., :size[0], :size[1]]
 
-    def features(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Multi-scale decoder features (B, :attr:`ood_dim`, H, W): every decoder level's output,
-        upsampled (nearest) to full resolution, so a pixel's vector also describes its context."""
-        return _multiscale(self._run(x, cond, keep_decoder=True)[2])
+    def pooled_features(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Multi-scale decoder features (B, :attr:`ood_dim`, H/2, W/2), see
+        :func:`_pooled_multiscale`: what the novelty detector reads and :mod:`synth7t.ood` fits."""
+        return _pooled_multiscale(self._run(x, cond, keep_decoder=True)[2])
 
     def _run(self, x: torch.Tensor, cond: torch.Tensor, *, keep_decoder: bool = False):
         centre = x[:, self.config.n_slices // 2: self.config.n_slices // 2 + 1]
@@ -249,11 +249,17 @@ class UNet25D(nn.Module):
         return torch.clamp(centre + self.head(h), 0.0, 1.0), h, decoder
 
 
-def _multiscale(decoder: list[torch.Tensor]) -> torch.Tensor:
-    """Decoder outputs (coarse to fine) upsampled to the finest level and concatenated."""
-    size = decoder[-1].shape[-2:]
-    return torch.cat([decoder[-1]] + [F.interpolate(d, size=size, mode="nearest")
-                                      for d in decoder[:-1]], dim=1)
+def _pooled_multiscale(decoder: list[torch.Tensor]) -> torch.Tensor:
+    """Every decoder level's output (fine to coarse) at half the finest resolution, concatenated:
+    the finest level averaged over 2 x 2 pixels, the next one as it is, coarser ones upsampled
+    (nearest) to it, so a pixel's vector also describes its context. The same numbers as
+    upsampling every level to full resolution and averaging (four equal values average to
+    themselves), without making the full-resolution copies."""
+    fine = F.avg_pool2d(decoder[-1], 2, ceil_mode=True)
+    size = fine.shape[-2:]
+    return torch.cat([fine] + [d if d.shape[-2:] == size else
+                               F.interpolate(d, size=size, mode="nearest")
+                               for d in decoder[:-1]], dim=1)
 
 
 class _ResnetBlock(nn.Module):

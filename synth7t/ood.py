@@ -46,8 +46,7 @@ def slab_features(net: UNet25D, slab, *, per_slab: int, rng: np.random.Generator
             if not slab.mask[:, :, z].any():
                 continue
             x = np.pad(slice_stack(src, z, n), ((0, 0), (0, px), (0, py)))
-            # pooled 2 x 2 exactly as UNet25D.novelty reads them
-            f = F.avg_pool2d(net.features(torch.from_numpy(x[None]), cond), 2, ceil_mode=True)[0]
+            f = net.pooled_features(torch.from_numpy(x[None]), cond)[0]
             m = np.pad(slab.mask[:, :, z], ((0, px), (0, py))).astype(np.float32)
             sel = F.avg_pool2d(torch.from_numpy(m)[None, None], 2, ceil_mode=True)[0, 0] > 0.5
             feats.append(f.permute(1, 2, 0).numpy()[sel.numpy()])
