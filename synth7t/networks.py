@@ -250,9 +250,10 @@ class UNet25D(nn.Module):
 
 
 def _pooled_multiscale(decoder: list[torch.Tensor]) -> torch.Tensor:
-    """Every decoder level's output (fine to coarse) at half the finest resolution, concatenated:
-    the finest level averaged over 2 x 2 pixels, the next one as it is, coarser ones upsampled
-    (nearest) to it, so a pixel's vector also describes its context. The same numbers as
+    """Every decoder level's output at half the finest resolution, concatenated (the finest
+    level first, then the others from coarse to fine: the channel order the novelty clusters were
+    fitted in): the finest level averaged over 2 x 2 pixels, the next one as it is, coarser ones
+    upsampled (nearest) to it, so a pixel's vector also describes its context. The same numbers as
     upsampling every level to full resolution and averaging (four equal values average to
     themselves), without making the full-resolution copies."""
     fine = F.avg_pool2d(decoder[-1], 2, ceil_mode=True)
