@@ -27,8 +27,10 @@ demo: install
 	    -w $(DEMO_DIR)/work --nprocs 2 --omp-nthreads 2
 	@echo "Derivatives: $(DEMO_DIR)/derivatives   Reports: $$(ls $(DEMO_DIR)/derivatives/sub-*.html 2>/dev/null | tr '\n' ' ')"
 
+# two pytest-xdist workers, whole groups each (tests/conftest.py: HEAVY_GROUPS); WORKERS=0: serial
+WORKERS ?= 2
 test: install-test
-	$(PY) -m pytest tests -v --durations=15
+	$(PY) -m pytest tests -v --durations=40 -n $(WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test-fast: install-test
 	$(PY) -m pytest tests -m "not slow and not slurm and not browser" -q

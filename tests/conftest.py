@@ -94,6 +94,38 @@ def bids_3t_run(tmp_path_factory, bids_3t):
     return SimpleNamespace(out=out, work=work, args=args, proc=proc, bids=bids_3t, before=before)
 
 
+# --------------------------------------------------------------------------- parallel runs
+#: ``make test`` runs two pytest-xdist workers with ``--dist loadgroup --no-loadscope-reorder``:
+#: each group below runs whole on one worker, so a session or module fixture (an App run, the
+#: container image) is made once, and the groups are handed out in this order, longest first,
+#: so that the two workers finish together. Most App runs keep one core busy (N4, registration
+#: and the report are single-threaded), so two at a time use the machine's two cores.
+#: ``bids_3t`` holds every test that reads the documented run on ../shared/data/bids_3t
+#: (``bids_3t_run``), and the image tests, whose BIDS App check compares with that run.
+HEAVY_GROUPS = ("bids_3t", "test_slurm", "test_robustness", "test_brain_extraction",
+                "test_group", "test_preprocess")
+_BIDS_3T_MODULES = {"test_e2e", "test_real_outputs", "test_image"}
+
+
+def _xdist_group(item) -> str:
+    module = item.module.__name__.rpartition(".")[2]
+    if module in _BIDS_3T_MODULES or "bids_3t_run" in item.fixturenames:
+        return "bids_3t"
+    return module
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    rank = {g: i for i, g in enumerate(HEAVY_GROUPS)}
+    groups = {}
+    for item in items:
+        groups[item] = _xdist_group(item)
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    # stable: each module's tests keep their order, and a module's tests of one group stay
+    # together (its module fixtures are not made twice in a serial run either)
+    items.sort(key=lambda it: rank.get(groups[it], len(rank)))
+
+
 # --------------------------------------------------------------------------- tiny datasets
 def tiny_image(shape=(20, 24, 20), *, seed: int = 0, zooms=(2.0, 2.0, 2.0),
                stripped: bool = False) -> nib.Nifti1Image:
