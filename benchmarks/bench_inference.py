@@ -70,7 +70,8 @@ def child(kind: str, threads: int, peer_slices: int, batch_size: int) -> dict:
     out: dict = {"kind": kind}
     if kind.startswith("shipped"):
         from synth7t.inference import DEFAULT_TTA
-        from synth7t.registry import Registry, load_synthesizer
+        from synth7t.inference import load_synthesizer
+        from synth7t.registry import Registry
 
         entry = Registry.load().get("T1w", 3.0)
         syn = load_synthesizer(entry)

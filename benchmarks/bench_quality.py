@@ -138,7 +138,7 @@ def score(sim, rois, reg, *, seed: int, methods: list[str], tta: bool | None, th
     """nRMSE/SSIM/PSNR per pair and method on ``rois`` of ``sim``'s renders."""
     from synth7t import metrics
     from synth7t.fields import CONTRASTS, SUPPORTED_BINS, bin_label
-    from synth7t.registry import load_synthesizer
+    from synth7t.inference import load_synthesizer
 
     results: dict[str, dict[str, dict[str, float]]] = {}
     for fb in SUPPORTED_BINS:

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     from synth7t.fields import CONTRASTS, SUPPORTED_BINS, bin_label
     from synth7t.inference import DEFAULT_TTA
     from synth7t.reference import REF_SHAPE
-    from synth7t.registry import Registry, load_synthesizer
+    from synth7t.inference import load_synthesizer
+    from synth7t.registry import Registry
     from synth7t.uncertainty import decile_calibration, is_monotonic, spearman
 
     tta = DEFAULT_TTA if args.tta is None else args.tta

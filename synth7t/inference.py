@@ -10,14 +10,16 @@ random augmentation, deterministic algorithms requested while predicting) and me
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from .baseline import tissue_map
+from .io import sha256_file
 from .networks import DEFAULT_TTA, UNet25D, UNetConfig, condition_vector  # noqa: F401
-from .registry import ModelEntry, ModelIntegrityError, safetensors_metadata
+from .registry import ModelEntry, ModelIntegrityError, read_verified, safetensors_metadata
 
 #: In-plane sizes are padded to a multiple of this (4-level U-Net needs 8; 16 is safe for 5).
 PAD_MULTIPLE = 16
@@ -339,8 +341,6 @@ def save_unet(net: UNet25D, path, *, extra_metadata: dict[str, str] | None = Non
     """Save ``net`` as safetensors with its config in the metadata; returns the SHA-256."""
     from safetensors.torch import save_file
 
-    from .registry import sha256_file
-
     meta = {"config": net.config.to_json(), "format": "pt"}
     meta.update(extra_metadata or {})
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
@@ -348,14 +348,31 @@ def save_unet(net: UNet25D, path, *, extra_metadata: dict[str, str] | None = Non
     return sha256_file(path)
 
 
+def load_synthesizer(entry: ModelEntry, *, device: str = "cpu") -> Synthesizer:
+    """Verify and load the model of ``entry``.
+
+    Parameters
+    ----------
+    entry
+        From :meth:`Registry.get`.
+    device
+        ``"cpu"``, ``"cuda"`` or ``"auto"`` (see :func:`resolve_device`).
+
+    Raises
+    ------
+    ModelIntegrityError
+        See :func:`read_verified`.
+    """
+    data = read_verified(entry)
+    if entry.kind == "baseline":
+        try:
+            params = json.loads(data)
+        except ValueError:
+            raise ModelIntegrityError(f"{entry.file}: baseline parameters are not valid JSON") from None
+        return BaselineSynthesizer(params, entry=entry)
+    return UNetSynthesizer.from_bytes(data, entry=entry, device=resolve_device(device))
+
+
 __all__ = ["resolve_device", "mask_bbox", "crop_padded", "paste_cropped", "slice_stack",
            "torch_runtime", "Synthesizer", "BaselineSynthesizer", "UNetSynthesizer", "save_unet",
            "load_synthesizer"]
-
-
-def load_synthesizer(entry: ModelEntry, *, device: str = "cpu") -> Synthesizer:
-    """Re-export of :func:`synth7t.registry.load_synthesizer`."""
-    from .registry import load_synthesizer as _load
-
-    return _load(entry, device=device)
-

@@ -322,7 +322,8 @@ def run(manifest: Manifest, *, model_dir: str | Path | None = None, model_name: 
     uncertainty head (:mod:`synth7t.uncertainty`).
     """
     from synth7t.networks import DEFAULT_TTA
-    from synth7t.registry import Registry, load_synthesizer
+    from synth7t.inference import load_synthesizer
+    from synth7t.registry import Registry
 
     t_start = time.time()
     tmp_base = Path(tmp_dir) if tmp_dir else default_tmp_dir(manifest.output_dir)

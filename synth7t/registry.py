@@ -21,13 +21,11 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from .fields import CONTRASTS, SUPPORTED_BINS
 from .io import sha256_file  # noqa: F401  (re-exported: callers import it from here)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .inference import Synthesizer
 
 #: Folder of the shipped registry and weights.
 MODELS_DIR = Path(__file__).parent / "models"
@@ -295,30 +293,3 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors blob (already verified by :func:`read_verified`)."""
     (n,) = struct.unpack("<Q", data[:8])
     return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
-
-
-def load_synthesizer(entry: ModelEntry, *, device: str = "cpu") -> "Synthesizer":
-    """Verify and load the model of ``entry``.
-
-    Parameters
-    ----------
-    entry
-        From :meth:`Registry.get`.
-    device
-        ``"cpu"``, ``"cuda"`` or ``"auto"`` (see :func:`synth7t.inference.resolve_device`).
-
-    Raises
-    ------
-    ModelIntegrityError
-        See :func:`read_verified`.
-    """
-    from .inference import BaselineSynthesizer, UNetSynthesizer, resolve_device
-
-    data = read_verified(entry)
-    if entry.kind == "baseline":
-        try:
-            params = json.loads(data)
-        except ValueError:
-            raise ModelIntegrityError(f"{entry.file}: baseline parameters are not valid JSON") from None
-        return BaselineSynthesizer(params, entry=entry)
-    return UNetSynthesizer.from_bytes(data, entry=entry, device=resolve_device(device))

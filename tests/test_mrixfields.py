@@ -79,7 +79,8 @@ class _StandInSynth:
 
 @pytest.fixture
 def stand_in_registry(monkeypatch):
-    """A tiny stand-in for synth7t.registry honouring the DEVELOPING.md contract."""
+    """Tiny stand-ins for ``synth7t.registry.Registry`` and ``synth7t.inference.load_synthesizer``
+    honouring the DEVELOPING.md contract."""
     mod = types.ModuleType("synth7t.registry")
 
     class Registry:
@@ -94,7 +95,8 @@ def stand_in_registry(monkeypatch):
     def load_synthesizer(entry, *, device="cpu"):
         return _StandInSynth(entry)
 
-    mod.Registry, mod.load_synthesizer = Registry, load_synthesizer
+    monkeypatch.setattr("synth7t.inference.load_synthesizer", load_synthesizer)
+    mod.Registry = Registry
     monkeypatch.setitem(sys.modules, "synth7t.registry", mod)
     _StandInSynth.calls = []
     return _StandInSynth

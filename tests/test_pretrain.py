@@ -11,12 +11,12 @@ import torch
 
 from synth7t.commands.train import main as train_main
 from synth7t.fields import SUPPORTED_BINS
-from synth7t.inference import UNetSynthesizer
+from synth7t.inference import UNetSynthesizer, load_synthesizer
 from synth7t.networks import N_COND
 from synth7t.pretrain import (MaskedPatchSampler, PretrainConfig, PretrainTrainer,
                               UnpairedSource, _Reader, masked_loss, masked_sampler,
                               pretrain_condition, validation_batches)
-from synth7t.registry import ModelIntegrityError, Registry, load_synthesizer, sha256_file
+from synth7t.registry import ModelIntegrityError, Registry, sha256_file
 from synth7t.sources import unpaired_volumes
 
 N = 32

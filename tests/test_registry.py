@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from synth7t.fields import CONTRASTS, SUPPORTED_BINS
-from synth7t.inference import UNetSynthesizer, mask_bbox, resolve_device, save_unet
+from synth7t.inference import (UNetSynthesizer, load_synthesizer, mask_bbox, resolve_device,
+                               save_unet)
 from synth7t.networks import UNet25D, UNetConfig
 from synth7t.registry import (MODELS_DIR, ModelIntegrityError, Registry, RegistryError,
-                              load_synthesizer, sha256_file)
+                              sha256_file)
 
 
 def _phantom(shape=(40, 48, 24), seed=0):

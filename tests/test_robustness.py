@@ -994,7 +994,8 @@ def _model_dir(root: Path, *, kind: str) -> tuple[Path, Path]:
 
 def _row_model(kind: str):
     def check(ctx: Ctx) -> None:
-        from synth7t.registry import ModelIntegrityError, Registry, load_synthesizer
+        from synth7t.inference import load_synthesizer
+        from synth7t.registry import ModelIntegrityError, Registry
 
         mdir, marker = _model_dir(ctx.root, kind=kind)
         entry = Registry.load(mdir).get("T1w", 3.0)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from synth7t.commands.train import main as train_main
-from synth7t.inference import UNetSynthesizer
-from synth7t.registry import Registry, load_synthesizer, sha256_file
+from synth7t.inference import UNetSynthesizer, load_synthesizer
+from synth7t.registry import Registry, sha256_file
 from synth7t.train import (PatchSampler, Slab, TrainConfig, Trainer, bids_pairs,
                            mrixfields_pairs, ssim_map, synthesis_loss)
 

@@ -11,9 +11,9 @@ from scipy import stats
 
 from synth7t import uncertainty as U
 from synth7t.fields import route_field
-from synth7t.inference import UNetSynthesizer
+from synth7t.inference import UNetSynthesizer, load_synthesizer
 from synth7t.networks import UNet25D, UNetConfig
-from synth7t.registry import Registry, load_synthesizer
+from synth7t.registry import Registry
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BRAINWEB = DATA / "brainweb_crisp_labels.nii.gz"

@@ -479,8 +479,8 @@ class Synthesize(SimpleInterface):
         if self.inputs.passthrough:
             out = normalise(volume, mask)
         else:
-            from synth7t.inference import resolve_device
-            from synth7t.registry import Registry, load_synthesizer
+            from synth7t.inference import load_synthesizer, resolve_device
+            from synth7t.registry import Registry
 
             model_dir = self.inputs.model_dir if isdefined(self.inputs.model_dir) else None
             entry = Registry.load(model_dir or None).get(
