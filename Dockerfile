@@ -122,7 +122,7 @@ ENV PATH=/opt/venv/bin:${PATH} \
 # Fails the build if the install is broken or a shipped model does not verify (SHA-256).
 RUN set -eux; \
     synth7t-mrixfields --version; synth7t-eval --version; \
-    python -c "from synth7t.registry import Registry, load_synthesizer; \
+    python -c "from synth7t.inference import load_synthesizer; from synth7t.registry import Registry; \
 [load_synthesizer(e) for e in Registry.load()]; print('models verified')"
 
 # (Ubuntu-based CUDA images already have a uid-1000 user "ubuntu": replace it.)
