@@ -2,7 +2,8 @@
 
 * The helpers of :mod:`bids_app.slurm` on a tiny Nipype graph under ``SLURMGraph``: waiting,
   cancelling dependants of a failed node, naming it.
-* The BIDS App on ``../shared/data/bids_3t`` sub-02 with ``--use-plugin`` SLURM and SLURMGraph:
+* The BIDS App on ``../shared/data/bids_3t`` sub-02 (T1w and FLAIR) with ``--use-plugin`` SLURM and
+  SLURMGraph:
   the scheduler ran the nodes (the controller's job list, polled during the run, holds one job
   per submitted node, every one COMPLETED; each node's Nipype result was made inside the SLURM
   job it names in ``SLURM_JOB_ID``), and every derivative equals that of a MultiProc run with the
@@ -256,7 +257,7 @@ def assert_ran_on_slurm(run: dict, plugin: str) -> None:
     assert not unknown, f"{plugin}: nodes ran in jobs the controller did not list: {unknown}"
     ids = [next(iter(r["jobs"])) for r in submitted if len(r["jobs"]) == 1]
     assert len(set(ids)) == len(ids), f"{plugin}: several nodes in one job"
-    for must in ("/n4", "synthesize_t1w", "synthesize_t2w", "synthesize_flair"):
+    for must in ("/n4", "synthesize_t1w", "synthesize_flair", "flair_to_t1w"):
         assert any(must in r["node"] for r in submitted), f"{plugin}: no {must} node ran on SLURM"
     # SLURM wrote each job's output file next to the batch scripts under the work dir
     outputs = {m[1] for f in run["work"].rglob("batch/*")
@@ -270,14 +271,16 @@ def assert_ran_on_slurm(run: dict, plugin: str) -> None:
 #: Options of every App run here. The scheduler, not the network, is under test: the tissue-table
 #: baseline (``--model-dir``, :func:`_model_dir`) synthesises in seconds where the U-Net takes a
 #: minute per contrast, and the U-Net's outputs under MultiProc are checked by tests/test_e2e.py.
-#: One ITK/torch thread per node, as in the plugins' ``--cpus-per-task=1``.
-APP_OPTIONS = ("--no-uncertainty", "--omp-nthreads", "1")
+#: One ITK/torch thread per node, as in the plugins' ``--cpus-per-task=1``. Two of sub-02's three
+#: contrasts: the T1w anchor and a second branch (FLAIR: rigid registration to the T1w, its own
+#: N4 and synthesis) give the graph every kind of node at two thirds of the CI time.
+APP_OPTIONS = ("--no-uncertainty", "--omp-nthreads", "1", "--contrasts", "T1w", "FLAIR")
 
 
 @pytest.fixture(scope="module")
 def baseline_models(tmp_path_factory) -> Path:
-    """A --model-dir whose ``default`` for T1w, T2w and FLAIR at 3 T is the baseline."""
-    return _model_dir(tmp_path_factory.mktemp("models"), contrasts=("T1w", "T2w", "FLAIR"))
+    """A --model-dir whose ``default`` for T1w and FLAIR at 3 T is the baseline."""
+    return _model_dir(tmp_path_factory.mktemp("models"), contrasts=("T1w", "FLAIR"))
 
 
 @pytest.fixture(scope="module")
@@ -454,7 +457,7 @@ def test_app_failing_node_under_slurm_exits_nonzero_naming_it(app_runs, plugin, 
     """The T1w synthesis node crashes inside its SLURM job (parameters that pass the SHA-256
     check but lack the tissue tables): the App exits 1 and names the node."""
     run = app_runs[plugin]
-    bad = _model_dir(tmp_path, contrasts=("T1w", "T2w", "FLAIR"),
+    bad = _model_dir(tmp_path, contrasts=("T1w", "FLAIR"),
                      bad={"T1w": b'{"note": "no tissue tables"}\n'})
     # reuse the plugin's work dir: preprocessing is cached, only synthesis runs (and T1w fails)
     proc = _run_app(tmp_path / "out", run["work"], str(run["plugin"]), *APP_OPTIONS,
@@ -463,7 +466,7 @@ def test_app_failing_node_under_slurm_exits_nonzero_naming_it(app_runs, plugin, 
     assert proc.returncode == 1, text[-3000:]
     errors = "\n".join(line for line in text.splitlines() if "error" in line.lower())
     assert "synthesize_t1w" in errors, text[-3000:]
-    assert "synthesize_t2w" not in errors and "synthesize_flair" not in errors, errors
+    assert "synthesize_flair" not in errors, errors
     # ... and it crashed inside a SLURM job (a silent MultiProc fallback submits nothing): the
     # controller listed a job for the node, and that job's own output (written by SLURM) holds
     # the node's failure. SLURMGraph jobs exit non-zero (FAILED); the SLURM plugin's job script
@@ -478,8 +481,8 @@ def test_app_failing_node_under_slurm_exits_nonzero_naming_it(app_runs, plugin, 
     # plugin's job script sometimes stores the exception without printing it)
     assert re.search(r'Traceback|[A-Za-z]+Error|\[Node\] Error on "[^"]*synthesize_t1w"', logs), \
         f"the synthesize_t1w job's SLURM output shows no failure:\n{logs[-2000:]}"
-    assert [j for j in proc.jobs.values() if "synthesize_t2w" in j["command"]
-            and j["state"] == "COMPLETED"], "synthesize_t2w did not run as a SLURM job"
+    assert [j for j in proc.jobs.values() if "synthesize_flair" in j["command"]
+            and j["state"] == "COMPLETED"], "synthesize_flair did not run as a SLURM job"
     # no SLURM job of this run is left in the queue
     from bids_app.slurm import slurm_jobs
 
