@@ -255,8 +255,8 @@ def test_load_image_zeros_and_nans_is_empty(tmp_path):
     ("notes.txt", b"hello"),
     ("fake.nii.gz", b"this is not gzip at all"),
     ("fake.nii", b"x" * 400),
-    ("text.nii.gz", gzip.compress(b"plain text, gzipped")),
-])
+    ("text.nii.gz", gzip.compress(b"plain text, gzipped", mtime=0)),
+], ids=["txt", "not-gzip", "not-nifti", "gzipped-text"])  # stable ids: xdist workers must agree
 def test_load_image_rejects_non_nifti(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
