@@ -276,11 +276,14 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.errno and exc.filename is None:
+            # write() and fsync() name no file; a full disk should say which output it stopped
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -332,6 +332,22 @@ def test_atomic_write_nifti_failure_leaves_no_file(tmp_path, monkeypatch):
     assert _leftovers(tmp_path) == []
 
 
+def test_atomic_write_error_names_the_output(tmp_path, monkeypatch):
+    """ENOSPC from write() carries no file name: the error names the output it was writing."""
+    import errno
+
+    def full(self, io_obj):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(nib.Nifti1Image, "to_stream", full)
+    path = tmp_path / "sub-01_desc-synth7T_T1w.nii.gz"
+    with pytest.raises(OSError) as err:
+        atomic_write_nifti(_img(_rng_data(), np.eye(4)), path)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+    assert str(path) in str(err.value) and "No space left on device" in str(err.value)
+    assert _leftovers(tmp_path) == []
+
+
 def test_atomic_write_failure_keeps_previous_version(tmp_path, monkeypatch):
     path = tmp_path / "d.json"
     atomic_write_json({"v": 1}, path)
