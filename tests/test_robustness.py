@@ -881,8 +881,8 @@ def row_disk_full(ctx: Ctx) -> None:
         assert run.returncode != 0, run.describe()
         # one message names both the cause and a path on the full file system (a bare "space"
         # would match any *_space-MRIxFields_* file name). The OSError that write() raises
-        # carries no file name, so today the path in that line is the crash-file folder of the
-        # failing sink node, not the derivative it was writing.
+        # carries no file name; synth7t.io re-raises it naming the output it was writing, and
+        # Nipype's own line names the crash-file folder of the failing sink node.
         cause = re.compile(r"No space left on device|ENOSPC|\[Errno 28\]", re.I)
         lines = [ln for ln in (run.stderr + run.stdout).splitlines() if cause.search(ln)]
         assert lines, "no 'No space left on device' / ENOSPC message\n" + run.describe()
