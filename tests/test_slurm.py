@@ -274,13 +274,14 @@ def assert_ran_on_slurm(run: dict, plugin: str) -> None:
 #: One ITK/torch thread per node, as in the plugins' ``--cpus-per-task=1``. Two of sub-02's three
 #: contrasts: the T1w anchor and a second branch (FLAIR: rigid registration to the T1w, its own
 #: N4 and synthesis) give the graph every kind of node at two thirds of the CI time.
-APP_OPTIONS = ("--no-uncertainty", "--omp-nthreads", "1", "--contrasts", "T1w", "FLAIR")
+CONTRASTS = ("T1w", "FLAIR")
+APP_OPTIONS = ("--no-uncertainty", "--omp-nthreads", "1", "--contrasts", *CONTRASTS)
 
 
 @pytest.fixture(scope="module")
 def baseline_models(tmp_path_factory) -> Path:
     """A --model-dir whose ``default`` for T1w and FLAIR at 3 T is the baseline."""
-    return _model_dir(tmp_path_factory.mktemp("models"), contrasts=("T1w", "FLAIR"))
+    return _model_dir(tmp_path_factory.mktemp("models"), contrasts=CONTRASTS)
 
 
 @pytest.fixture(scope="module")
@@ -419,9 +420,8 @@ def test_app_same_derivatives_as_multiproc(app_runs, plugin):
     files = compare_derivatives(ref["out"], run["out"], "02", plugin)
     kinds = {k: [f for f in files if f.endswith(k)] for k in (".nii.gz", ".json", ".txt", ".h5")}
     assert all(kinds.values()), {k: len(v) for k, v in kinds.items()}
-    contrasts = APP_OPTIONS[APP_OPTIONS.index("--contrasts") + 1:]
     # a synthetic image per contrast, in the reference space and in the native one
-    assert len([f for f in kinds[".nii.gz"] if "desc-synth7T" in f]) == 2 * len(contrasts)
+    assert len([f for f in kinds[".nii.gz"] if "desc-synth7T" in f]) == 2 * len(CONTRASTS)
 
 
 def _model_dir(root: Path, *, contrasts=("T1w",), bad: dict[str, bytes] | None = None,
@@ -459,7 +459,7 @@ def test_app_failing_node_under_slurm_exits_nonzero_naming_it(app_runs, plugin, 
     """The T1w synthesis node crashes inside its SLURM job (parameters that pass the SHA-256
     check but lack the tissue tables): the App exits 1 and names the node."""
     run = app_runs[plugin]
-    bad = _model_dir(tmp_path, contrasts=("T1w", "FLAIR"),
+    bad = _model_dir(tmp_path, contrasts=CONTRASTS,
                      bad={"T1w": b'{"note": "no tissue tables"}\n'})
     # reuse the plugin's work dir: preprocessing is cached, only synthesis runs (and T1w fails)
     proc = _run_app(tmp_path / "out", run["work"], str(run["plugin"]), *APP_OPTIONS,
