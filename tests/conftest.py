@@ -281,3 +281,38 @@ def check_report_in_chromium(path: Path, tmp_path: Path) -> list:
         return sizes
     finally:
         driver.quit()
+
+
+# --------------------------------------------------------------------------- model folders
+def baseline_model_dir(root: Path, *, contrasts=("T1w",), fields=(3.0,),
+                       bad: dict[str, bytes] | None = None, sha256: str | None = None) -> Path:
+    """A ``--model-dir`` whose ``default`` model for each of ``contrasts`` at each of ``fields``
+    (field bins, T) is the baseline.
+
+    For App runs that test something other than the network (schedulers, faults, bad input):
+    the tissue-table baseline synthesises a volume in seconds, the U-Net in about a minute under
+    CI load. ``bad`` replaces a contrast's baseline parameters (the registry's SHA-256 then
+    matches the new file unless ``sha256`` is given, which then applies to every entry).
+    """
+    import hashlib
+    import shutil
+
+    from synth7t.registry import Registry
+
+    folder = root / "models"
+    folder.mkdir(parents=True)
+    shipped, entries = Registry.load(), []
+    for contrast in contrasts:
+        for field in fields:
+            e = shipped.get(contrast, field, name="baseline")
+            data = (bad or {}).get(contrast, e.file.read_bytes())
+            name, card = f"params_{contrast}_{field:g}T.json", f"card_{contrast}_{field:g}T.json"
+            (folder / name).write_bytes(data)
+            shutil.copy(e.card, folder / card)
+            entries.append({"name": "default", "kind": "baseline", "contrast": e.contrast,
+                            "field_bin": e.field_bin, "version": e.version + "-test",
+                            "file": name, "sha256": sha256 or hashlib.sha256(data).hexdigest(),
+                            "card": card})
+    (folder / "registry.json").write_text(json.dumps({"schema": "synth7t-registry/1",
+                                                      "models": entries}))
+    return folder

@@ -20,7 +20,7 @@ import pytest
 
 from synth7t import brain_extraction as BE
 
-from conftest import REPO, run_app, write_json
+from conftest import REPO, baseline_model_dir, run_app, write_json
 
 SHARED = REPO.parent / "shared" / "data"
 DICE_MIN = 0.95
@@ -308,8 +308,11 @@ def test_t2w_only_and_flair_only_sessions_run_end_to_end(heads, tmp_path):
         shutil.copyfile(heads[(contrast, field)], anat / f"sub-{label}_{contrast}.nii.gz")
         write_json(anat / f"sub-{label}_{contrast}.json", {"MagneticFieldStrength": field})
     out, work = tmp_path / "out", tmp_path / "work"
+    # The masks and the graph without a T1w anchor are under test, not the network: the
+    # tissue-table baseline synthesises (the U-Net's T2w and FLAIR run in tests/test_e2e.py).
+    models = baseline_model_dir(tmp_path, contrasts=("T2w", "FLAIR"), fields=(1.5, 3.0))
     proc = run_app([bids, out, "participant", "-w", work, "--skip-bids-validation",
-                    "--no-uncertainty"], REPO)
+                    "--no-uncertainty", "--model-dir", models], REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     b = _bench()
     for label, (contrast, field) in cases.items():

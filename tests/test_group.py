@@ -31,7 +31,7 @@ from bids_app.exitcodes import (
     worst_exit_code,
 )
 
-from conftest import REPO, check_report_in_chromium, run_app, tree_digest
+from conftest import REPO, baseline_model_dir, check_report_in_chromium, run_app, tree_digest
 
 BROKEN = ("fourd", "notnii", "trunc", "zero")
 
@@ -340,12 +340,14 @@ def test_study_with_broken_participants_end_to_end(tmp_path, bids_3t):
             break_t1w(t1, label, good=src / "sub-02_T1w.nii.gz")
     before = tree_digest(bids)
     out, work = tmp_path / "out", tmp_path / "work"
-    # no uncertainty maps: they are not what this test is about, and they double synthesis time
-    proc = run_app([bids, out, "participant", "-w", work, "--nprocs", "2", "--no-uncertainty"],
-                   REPO)
+    # Neither the network nor its uncertainty maps are what this test is about: the
+    # tissue-table baseline synthesises in seconds (the U-Net runs in tests/test_e2e.py).
+    models = baseline_model_dir(tmp_path)
+    proc = run_app([bids, out, "participant", "-w", work, "--nprocs", "2", "--no-uncertainty",
+                    "--model-dir", models], REPO)
     check_first_run(proc.returncode, proc.stdout + proc.stderr, out)
     assert tree_digest(bids) == before
-    check_label_run(bids, out, work)
+    check_label_run(bids, out, work, models)
     check_group(bids, out, tmp_path, before)
 
 
@@ -374,10 +376,10 @@ def check_first_run(returncode: int, text: str, out: Path) -> None:
         assert -1 < qc["NoiseReduction"] < 1 and 0 < qc["TissueAgreementDice"] <= 1, qc
 
 
-def check_label_run(bids: Path, out: Path, work: Path) -> None:
+def check_label_run(bids: Path, out: Path, work: Path, models: Path) -> None:
     """--participant-label <good> on the dataset with the broken files exits 0."""
     proc = run_app([bids, out, "participant", "-w", work, "--nprocs", "2", "--no-uncertainty",
-                    "--participant-label", "good1"], REPO)
+                    "--model-dir", models, "--participant-label", "good1"], REPO)
     assert proc.returncode == EX_OK, (proc.stdout + proc.stderr)[-3000:]
     assert "view of 1 participant" in proc.stderr and "sub-fourd" not in proc.stderr
 

@@ -166,6 +166,18 @@ def test_n4_correct_reduces_bias():
     assert cv(out.get_fdata()) < 0.5 * cv(biased)
 
 
+@pytest.mark.parametrize("shape, factor", [((124, 160, 140), 4), ((181, 217, 181), 5),
+                                           ((192, 256, 256), 6), ((256, 320, 320), 8),
+                                           ((20, 24, 20), 4)])
+def test_n4_shrink_factor_bounds_the_fitting_grid(shape, factor):
+    got = P.n4_shrink_factor(shape)
+    assert got == factor
+    # the fitting grid is within budget, and one step finer would not have been
+    assert np.prod(shape) / got**3 <= P.N4_MAX_FIT_VOXELS
+    if got > 4:
+        assert np.prod(shape) / (got - 1) ** 3 > P.N4_MAX_FIT_VOXELS
+
+
 def test_register_rigid_recovers_shift(tmp_path):
     fixed = _phantom()
     moving = _phantom(centre_mm=(6.0, -10.0 + 4.0, 5.0 - 3.0))  # anatomy moved by (6, 4, -3) mm

@@ -56,6 +56,7 @@ import numpy as np
 import pytest
 from nibabel.orientations import axcodes2ornt, ornt_transform
 
+from conftest import baseline_model_dir
 from synth7t.reference import REF_AFFINE, REF_SHAPE, TEMPLATEFLOW_HOME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -477,7 +478,8 @@ def std_args(work: Path | None, *extra: str) -> list[str]:
     # --omp-nthreads left at its default (2 here): reproducibility must not need one thread.
     # --no-uncertainty halves the synthesis time of every run: this table is about input,
     # output and reruns; the uncertainty map's determinism is tested in test_uncertainty.py and
-    # the default run (maps on) in test_e2e.py.
+    # the default run (maps on) in test_e2e.py. Runs that reach synthesis add Ctx.args's
+    # --model-dir.
     args = ["--skip-bids-validation", "--nprocs", "2", "--random-seed", "7", "--no-uncertainty"]
     if work is not None:
         args += ["-w", str(work)]
@@ -538,6 +540,21 @@ class Ctx:
             {n: c for n, c in self.cases.items() if n.startswith("field-")}))
 
     # ---------------------------------------------------------------- runs
+    @cached_property
+    def models(self) -> Path:
+        """The tissue-table baseline as ``default`` for every contrast at 3 T.
+
+        This table is about reading input, faults and reruns, not the network: the baseline
+        synthesises in seconds where the U-Net takes about a minute per contrast under CI load.
+        The U-Net's own determinism is checked bitwise elsewhere (tests/test_image.py: the
+        Task 1 predictions of the host and the image; tests/test_registry.py).
+        """
+        return baseline_model_dir(self.root / "baseline", contrasts=("T1w", "T2w", "FLAIR"))
+
+    def args(self, work: Path | None, *extra: str) -> list[str]:
+        """:func:`std_args` with the baseline models, for the runs that reach synthesis."""
+        return std_args(work, "--model-dir", str(self.models), *extra)
+
     def run(self, label: str, bids: Path, out: Path, args: list[str], *,
             timeout: int = APP_TIMEOUT) -> AppRun:
         require_app()
@@ -557,7 +574,7 @@ class Ctx:
     def ref_run(self) -> AppRun:
         """sub-01 of ds_ref, uninterrupted (the reference for reruns and determinism)."""
         r = self.run("ref", self.ds_ref, self.root / "out_ref",
-                     std_args(self.root / "work_ref", "--participant-label", "01"))
+                     self.args(self.root / "work_ref", "--participant-label", "01"))
         assert r.returncode == 0, r.describe()
         return r
 
@@ -565,7 +582,7 @@ class Ctx:
     def mixed_run(self) -> AppRun:
         """Every participant of ds_mixed in one run: the bad ones refused, sub-defects done."""
         return self.run("mixed", self.ds_mixed, self.root / "out_mixed",
-                        std_args(self.root / "work_mixed"))
+                        self.args(self.root / "work_mixed"))
 
     @cached_property
     def conc_runs(self) -> list[AppRun]:
@@ -575,7 +592,7 @@ class Ctx:
         before = tree_digest(self.ds_ref)
         procs, cmds, t0 = [], [], time.monotonic()
         for label in ("01", "02"):
-            args = std_args(self.root / f"work_conc{label}", "--participant-label", label)
+            args = self.args(self.root / f"work_conc{label}", "--participant-label", label)
             cmds.append(["synth7t", str(self.ds_ref), str(out), "participant"] + args)
             procs.append(subprocess.Popen(
                 app_cmd() + cmds[-1][1:], env=app_env(), cwd=self.root, text=True,
@@ -844,7 +861,7 @@ def row_not_writable(ctx: Ctx) -> None:
     try:
         for why, out in targets:
             run = ctx.run(f"not-writable ({why})", ctx.ds_ref, out,
-                          std_args(ctx.root / "work_ro", "--participant-label", "01"))
+                          ctx.args(ctx.root / "work_ro", "--participant-label", "01"))
             assert run.returncode == EX_CANTCREAT, f"{why}: " + run.describe()
             assert str(out) in run.stderr or out.name in run.stderr, run.describe()
             assert "Traceback" not in run.stderr, run.describe()
@@ -877,7 +894,7 @@ def row_disk_full(ctx: Ctx) -> None:
         # the App: sinks fail on the full disk -> a clear error, nothing half-written
         work = ctx.copy_work(ref.work_dir, "work_full")
         run = ctx.run("disk-full", ctx.ds_ref, full / "out",
-                      std_args(work, "--participant-label", "01"))
+                      ctx.args(work, "--participant-label", "01"))
         assert run.returncode != 0, run.describe()
         # one message names both the cause and a path on the full file system (a bare "space"
         # would match any *_space-MRIxFields_* file name). The OSError that write() raises
@@ -902,7 +919,7 @@ def row_sigkill(ctx: Ctx) -> None:
     require_app()
     ref = ctx.ref_run
     work, out = ctx.root / "work_kill", ctx.root / "out_kill"
-    args = app_cmd() + [str(ctx.ds_ref), str(out), "participant"] + std_args(
+    args = app_cmd() + [str(ctx.ds_ref), str(out), "participant"] + ctx.args(
         work, "--participant-label", "01")
     before = tree_digest(ctx.ds_ref)
     proc = subprocess.Popen(args, env=app_env(), cwd=ctx.root, stdout=subprocess.DEVNULL,
@@ -924,7 +941,7 @@ def row_sigkill(ctx: Ctx) -> None:
     done = {p: p.stat().st_mtime_ns for p in _finished_nodes(work)}
     assert done, "no node had finished"
     assert not list(out.rglob("*synth7T*.nii.gz")), "killed too late: outputs already written"
-    rerun = ctx.run("sigkill-rerun", ctx.ds_ref, out, std_args(work, "--participant-label", "01"))
+    rerun = ctx.run("sigkill-rerun", ctx.ds_ref, out, ctx.args(work, "--participant-label", "01"))
     assert rerun.returncode == 0, rerun.describe()
     reused = [p for p, t in done.items() if p.exists() and p.stat().st_mtime_ns == t]
     assert len(reused) == len(done), \

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_app
+from conftest import baseline_model_dir, run_app
 
 pytestmark = [
     pytest.mark.slurm,
@@ -269,11 +269,12 @@ def assert_ran_on_slurm(run: dict, plugin: str) -> None:
 
 
 #: Options of every App run here. The scheduler, not the network, is under test: the tissue-table
-#: baseline (``--model-dir``, :func:`_model_dir`) synthesises in seconds where the U-Net takes a
-#: minute per contrast, and the U-Net's outputs under MultiProc are checked by tests/test_e2e.py.
-#: One ITK/torch thread per node, as in the plugins' ``--cpus-per-task=1``. Two of sub-02's three
-#: contrasts: the T1w anchor and a second branch (FLAIR: rigid registration to the T1w, its own
-#: N4 and synthesis) give the graph every kind of node at two thirds of the CI time.
+#: baseline (``--model-dir``, :func:`conftest.baseline_model_dir`) synthesises in seconds where
+#: the U-Net takes a minute per contrast, and the U-Net's outputs under MultiProc are checked by
+#: tests/test_e2e.py. One ITK/torch thread per node, as in the plugins' ``--cpus-per-task=1``.
+#: Two of sub-02's three contrasts: the T1w anchor and a second branch (FLAIR: rigid registration
+#: to the T1w, its own N4 and synthesis) give the graph every kind of node at two thirds of the
+#: CI time.
 CONTRASTS = ("T1w", "FLAIR")
 APP_OPTIONS = ("--no-uncertainty", "--omp-nthreads", "1", "--contrasts", *CONTRASTS)
 
@@ -281,7 +282,7 @@ APP_OPTIONS = ("--no-uncertainty", "--omp-nthreads", "1", "--contrasts", *CONTRA
 @pytest.fixture(scope="module")
 def baseline_models(tmp_path_factory) -> Path:
     """A --model-dir whose ``default`` for T1w and FLAIR at 3 T is the baseline."""
-    return _model_dir(tmp_path_factory.mktemp("models"), contrasts=CONTRASTS)
+    return baseline_model_dir(tmp_path_factory.mktemp("models"), contrasts=CONTRASTS)
 
 
 @pytest.fixture(scope="module")
@@ -424,42 +425,13 @@ def test_app_same_derivatives_as_multiproc(app_runs, plugin):
     assert len([f for f in kinds[".nii.gz"] if "desc-synth7T" in f]) == 2 * len(CONTRASTS)
 
 
-def _model_dir(root: Path, *, contrasts=("T1w",), bad: dict[str, bytes] | None = None,
-               sha256: str | None = None) -> Path:
-    """A --model-dir whose ``default`` model for each of ``contrasts`` at 3 T is the baseline.
-
-    ``bad`` replaces a contrast's baseline parameters (the registry's SHA-256 then matches the new
-    file unless ``sha256`` is given, which then applies to every entry).
-    """
-    import hashlib
-
-    from synth7t.registry import Registry
-
-    folder = root / "models"
-    folder.mkdir()
-    shipped, entries = Registry.load(), []
-    for contrast in contrasts:
-        e = shipped.get(contrast, 3.0, name="baseline")
-        data = (bad or {}).get(contrast, e.file.read_bytes())
-        name = f"params_{contrast}.json"
-        (folder / name).write_bytes(data)
-        shutil.copy(e.card, folder / f"card_{contrast}.json")
-        entries.append({"name": "default", "kind": "baseline", "contrast": e.contrast,
-                        "field_bin": e.field_bin, "version": e.version + "-test", "file": name,
-                        "sha256": sha256 or hashlib.sha256(data).hexdigest(),
-                        "card": f"card_{contrast}.json"})
-    (folder / "registry.json").write_text(json.dumps({"schema": "synth7t-registry/1",
-                                                      "models": entries}))
-    return folder
-
-
 @needs_app
 @pytest.mark.parametrize("plugin", ["SLURM", "SLURMGraph"])
 def test_app_failing_node_under_slurm_exits_nonzero_naming_it(app_runs, plugin, tmp_path):
     """The T1w synthesis node crashes inside its SLURM job (parameters that pass the SHA-256
     check but lack the tissue tables): the App exits 1 and names the node."""
     run = app_runs[plugin]
-    bad = _model_dir(tmp_path, contrasts=CONTRASTS,
+    bad = baseline_model_dir(tmp_path, contrasts=CONTRASTS,
                      bad={"T1w": b'{"note": "no tissue tables"}\n'})
     # reuse the plugin's work dir: preprocessing is cached, only synthesis runs (and T1w fails)
     proc = _run_app(tmp_path / "out", run["work"], str(run["plugin"]), *APP_OPTIONS,
@@ -506,7 +478,7 @@ def _job_output(job_id: str, job: dict) -> str:
 def test_app_wrong_sha256_refused_before_any_job(tmp_path):
     """A registry entry whose SHA-256 does not match is refused at graph-build time (exit 65):
     no job is submitted at all."""
-    bad = _model_dir(tmp_path, sha256="0" * 64)
+    bad = baseline_model_dir(tmp_path, sha256="0" * 64)
     spec = _write_plugin(tmp_path / "slurmgraph.yml", PLUGINS["SLURMGraph"])
     work = tmp_path / "work"
     proc = _run_app(tmp_path / "out", work, str(spec), "--model-dir", str(bad))
