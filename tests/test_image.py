@@ -51,10 +51,13 @@ def _engine() -> list[str]:
 
 
 def say(request, msg: str) -> None:
-    """Print into the test log even while output is captured (``make test`` runs without -s)."""
+    """Print into the test log even while output is captured (``make test`` runs without -s).
+
+    To stderr: a pytest-xdist worker's stdout never reaches the log, its stderr does.
+    """
     capman = request.config.pluginmanager.getplugin("capturemanager")
     with capman.global_and_fixture_disabled():
-        print(msg, flush=True)
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _tail(text: str, n: int = 40) -> str:

@@ -896,15 +896,17 @@ def row_disk_full(ctx: Ctx) -> None:
         run = ctx.run("disk-full", ctx.ds_ref, full / "out",
                       ctx.args(work, "--participant-label", "01"))
         assert run.returncode != 0, run.describe()
-        # one message names both the cause and a path on the full file system (a bare "space"
-        # would match any *_space-MRIxFields_* file name). The OSError that write() raises
-        # carries no file name; synth7t.io re-raises it naming the output it was writing, and
-        # Nipype's own line names the crash-file folder of the failing sink node.
+        # one message names both the cause and the output it failed to write (a bare "space"
+        # would match any *_space-MRIxFields_* file name): the sinks copy into
+        # <out>/.synth7t-staging/<id>/sub-01/anat/ (then rename), and the copy's OSError names
+        # both files. The crash-file folder (<out>/logs/sub-01) that the App names on the same
+        # line is a path on the full disk but not the output, so it does not count.
         cause = re.compile(r"No space left on device|ENOSPC|\[Errno 28\]", re.I)
         lines = [ln for ln in (run.stderr + run.stdout).splitlines() if cause.search(ln)]
         assert lines, "no 'No space left on device' / ENOSPC message\n" + run.describe()
-        assert any(str(full) in ln for ln in lines), \
-            f"the ENOSPC message does not name the path it failed on (under {full}):\n" + \
+        output = re.compile(re.escape(str(full)) + r"/\S*sub-01/anat/sub-01_\w")
+        assert any(output.search(ln) for ln in lines), \
+            f"the ENOSPC message does not name the output it failed on (under {full}):\n" + \
             "\n".join(lines[:5])
         check_no_partial_outputs(full / "out")
     finally:
