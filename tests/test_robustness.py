@@ -897,10 +897,11 @@ def row_disk_full(ctx: Ctx) -> None:
                       ctx.args(work, "--participant-label", "01"))
         assert run.returncode != 0, run.describe()
         # one message names both the cause and the output it failed to write (a bare "space"
-        # would match any *_space-MRIxFields_* file name): the sinks copy into
-        # <out>/.synth7t-staging/<id>/sub-01/anat/ (then rename), and the copy's OSError names
-        # both files. The crash-file folder (<out>/logs/sub-01) that the App names on the same
-        # line is a path on the full disk but not the output, so it does not count.
+        # would match any *_space-MRIxFields_* file name): the sinks copy into a staging folder
+        # (<out>/.synth7t-staging/<id>/sub-01/anat/, then rename) and re-raise the copy's
+        # OSError naming the final <out>/sub-01/anat/... file. The crash-file folder
+        # (<out>/logs/sub-01) that the App names on the same line is a path on the full disk
+        # but not the output, so it does not count.
         cause = re.compile(r"No space left on device|ENOSPC|\[Errno 28\]", re.I)
         lines = [ln for ln in (run.stderr + run.stdout).splitlines() if cause.search(ln)]
         assert lines, "no 'No space left on device' / ENOSPC message\n" + run.describe()

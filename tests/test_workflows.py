@@ -295,6 +295,29 @@ def test_sink_writes_atomically_and_caches(tmp_path):
     assert sink.always_run
 
 
+def test_sink_error_names_the_destination(tmp_path, monkeypatch):
+    """A copy that fails in the staging folder (a full disk) names the derivative's final path."""
+    import errno
+    import shutil as _shutil
+
+    src = _raw_source(tmp_path)
+    in_file = tmp_path / "synth.nii.gz"
+    save_image(np.zeros((8, 9, 10)), np.diag([.5, .5, .5, 1]), in_file, dtype="uint16", code=4)
+
+    def full_disk(a, b, *args, **kwargs):  # as shutil's sendfile copy reports it
+        raise OSError(errno.ENOSPC, "No space left on device", str(a), None, str(b))
+
+    monkeypatch.setattr(_shutil, "copyfile", full_disk)
+    out = tmp_path / "out"
+    sink = DerivativesDataSink(base_directory=str(out), space=REF_SPACE, desc="synth7T",
+                               compress=True, in_file=str(in_file), source_file=str(src))
+    with pytest.raises(OSError) as err:
+        sink.run()
+    dest = out / "sub-01" / "anat" / f"sub-01_space-{REF_SPACE}_desc-synth7T_T1w.nii.gz"
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(dest), err.value
+    assert not dest.exists() and not (out / ".synth7t-staging").exists()
+
+
 def test_deriv_relpath_names():
     rel = "sub-01/ses-a/anat/sub-01_ses-a_acq-mp_T1w.nii.gz"
     assert outputs.deriv_relpath(rel, desc="preproc") == \

@@ -125,6 +125,20 @@ def _copy_bytes(src, dst):
     return _misc._copy_any(src, dst)
 
 
+def _at_destination(exc: OSError, staging: Path, base: Path) -> OSError:
+    """``exc`` naming the derivative's final path instead of its copy in the staging folder.
+
+    A full disk or an unwritable folder then reads "... : <out>/sub-01/anat/<name>", the file
+    the user looks for, rather than a path inside the hidden staging folder. Errors that name
+    no staged file come back unchanged.
+    """
+    for name in (exc.filename2, exc.filename):
+        if name and Path(name).is_relative_to(staging):
+            dest = base / Path(name).relative_to(staging)
+            return OSError(exc.errno, exc.strerror or str(exc), str(dest))
+    return exc
+
+
 class DerivativesDataSink(_DerivativesDataSink):
     """niworkflows' DerivativesDataSink writing at the dataset root, atomically.
 
@@ -182,7 +196,13 @@ class DerivativesDataSink(_DerivativesDataSink):
         copy_any = _nw_bids._copy_any
         _nw_bids._copy_any = _copy_bytes
         try:
-            runtime = super()._run_interface(runtime)
+            try:
+                runtime = super()._run_interface(runtime)
+            except OSError as exc:
+                named = _at_destination(exc, staging, base)
+                if named is exc:
+                    raise
+                raise named from exc
             for key in ("out_file", "out_meta"):
                 value = self._results.get(key)
                 if not value:
