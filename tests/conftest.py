@@ -99,7 +99,8 @@ def bids_3t_run(tmp_path_factory, bids_3t):
 #: with the scheduler below: each group runs whole on one worker, so a session or module fixture
 #: (an App run, the container image) is made once, and the groups are handed out in this order,
 #: longest first, so that the two workers finish together. Measured: 64 -> 49 min for .ci/run,
-#: not half, as most App runs already keep both cores busy (README, "Tests").
+#: not half, as most App runs already keep both cores busy (README, "Tests"; 41 min since the
+#: runs that do not test the network use the baseline models).
 HEAVY_GROUPS = ("bids_3t", "test_slurm", "test_robustness", "test_brain_extraction",
                 "test_group", "test_preprocess")
 #: The ``bids_3t`` group: every test that reads the documented run on ../shared/data/bids_3t

@@ -196,13 +196,7 @@ class DerivativesDataSink(_DerivativesDataSink):
         copy_any = _nw_bids._copy_any
         _nw_bids._copy_any = _copy_bytes
         try:
-            try:
-                runtime = super()._run_interface(runtime)
-            except OSError as exc:
-                named = _at_destination(exc, staging, base)
-                if named is exc:
-                    raise
-                raise named from exc
+            runtime = super()._run_interface(runtime)
             for key in ("out_file", "out_meta"):
                 value = self._results.get(key)
                 if not value:
@@ -214,6 +208,11 @@ class DerivativesDataSink(_DerivativesDataSink):
                     os.replace(staged, dest)
                     moved.append(str(dest))
                 self._results[key] = moved if isinstance(value, list) else moved[0]
+        except OSError as exc:  # the copy into staging or the move out of it
+            named = _at_destination(exc, staging, base)
+            if named is exc:
+                raise
+            raise named from exc
         finally:
             _nw_bids._copy_any = copy_any
             self.inputs.base_directory = str(base)
