@@ -192,14 +192,19 @@ class Physics:
     def jittered(self, rng: np.random.Generator, amount: float | None = None) -> "Physics":
         """A copy whose tissues' PD, T1 and T2 are scaled by ``U(1 - a, 1 + a)`` (one subject).
 
-        ``amount`` defaults to the table's ``training_widening.relaxation_jitter`` (PD gets half).
+        ``amount`` defaults to the table's ``training_widening.relaxation_jitter`` (PD gets half);
+        tissues in its ``not_jittered`` list (CSF: see its source in ``physics.json``) keep
+        their table values.
         """
-        a = float(amount if amount is not None
-                  else self.table["training_widening"]["relaxation_jitter"]["value"])
+        spec = self.table["training_widening"]["relaxation_jitter"]
+        a = float(amount if amount is not None else spec["value"])
+        fixed = set(spec.get("not_jittered", ()))
         out = Physics(self.table)
-        out._scales = {t: (float(rng.uniform(1 - a / 2, 1 + a / 2)),
-                           float(rng.uniform(1 - a, 1 + a)), float(rng.uniform(1 - a, 1 + a)))
-                       for t in self.tissues}
+        out._scales = {}
+        for t in self.tissues:
+            draw = (float(rng.uniform(1 - a / 2, 1 + a / 2)),
+                    float(rng.uniform(1 - a, 1 + a)), float(rng.uniform(1 - a, 1 + a)))
+            out._scales[t] = (1.0, 1.0, 1.0) if t in fixed else draw
         return out
 
     def widened(self, scale: float = 1.0) -> "Physics":

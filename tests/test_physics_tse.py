@@ -76,3 +76,12 @@ def test_jitter_is_seeded_and_bounded():
     c = phys.relaxation("WM", 3.0)
     assert a == b and a != c
     assert abs(a.T1 / c.T1 - 1) <= 0.06 + 1e-9
+
+
+def test_csf_is_not_jittered_so_the_7t_flair_null_holds():
+    """A subject's CSF relaxation is not jittered: the fixed 7 T FLAIR keeps nulling it."""
+    phys = Physics.load()
+    for seed in range(5):
+        j = phys.jittered(np.random.default_rng(seed))
+        assert j.relaxation("CSF", 7.0) == phys.relaxation("CSF", 7.0)
+        assert j.relaxation("GM", 7.0) != phys.relaxation("GM", 7.0)
