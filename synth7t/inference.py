@@ -221,7 +221,9 @@ class UNetSynthesizer(Synthesizer):
     def __init__(self, net: UNet25D, *, contrast: str, field_bin: float,
                  entry: ModelEntry | None = None, device: torch.device | str = "cpu") -> None:
         self.device = resolve_device(device)
-        self.net = net.eval().to(self.device, memory_format=torch.channels_last)
+        net = net.eval().to(self.device, memory_format=torch.channels_last)
+        # a synthesiser serves one (contrast, field) pair: its FiLM affines become convolutions
+        self.net = net.folded(condition_vector(contrast, field_bin))
         self.config: UNetConfig = net.config
         self.contrast = contrast
         self.field_bin = field_bin

@@ -112,12 +112,27 @@ class _FiLMBlock(nn.Module):
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
 
+    #: Set by :meth:`UNet25D.folded`: the FiLM affine of one condition is inside ``conv1``.
+    folded = False
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         h = self.conv1(x)
-        gamma, beta = self.film(cond).chunk(2, dim=1)
-        h = h * (1.0 + gamma[:, :, None, None]) + beta[:, :, None, None]
-        h = F.leaky_relu(h, 0.1)
-        return F.leaky_relu(self.conv2(h), 0.1)
+        if not self.folded:
+            gamma, beta = self.film(cond).chunk(2, dim=1)
+            h = h * (1.0 + gamma[:, :, None, None]) + beta[:, :, None, None]
+        # in place when no graph is recorded: one pass over the feature map instead of two
+        inplace = not torch.is_grad_enabled()
+        h = F.leaky_relu(h, 0.1, inplace=inplace)
+        return F.leaky_relu(self.conv2(h), 0.1, inplace=inplace)
+
+    def fold(self, cond: torch.Tensor) -> None:
+        """Put the FiLM affine of ``cond`` (1, n_cond) into ``conv1``'s weights and bias."""
+        with torch.no_grad():
+            gamma, beta = self.film(cond).chunk(2, dim=1)
+            scale = 1.0 + gamma[0]
+            self.conv1.weight.mul_(scale[:, None, None, None])
+            self.conv1.bias.mul_(scale).add_(beta[0])
+        self.folded = True
 
 
 class UNet25D(nn.Module):
@@ -175,6 +190,21 @@ class UNet25D(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self._run(x, cond)[0]
+
+    def folded(self, cond: torch.Tensor) -> "UNet25D":
+        """A copy for inference under one condition only, its FiLM affines folded into the
+        convolutions they follow (``conv * (1 + gamma) + beta`` is a convolution): the same
+        function of the image for ``cond`` (to float rounding) without two elementwise passes
+        over every block's feature map. ``cond`` is still passed to it (the novelty detector
+        reads the pair from it); any other condition gives wrong results.
+        """
+        import copy
+
+        net = copy.deepcopy(self).eval()
+        cond = cond.reshape(1, -1).to(next(net.parameters()).device)
+        for block in list(net.down) + list(net.up):
+            block.fold(cond)
+        return net
 
     def forward_with_uncertainty(self, x: torch.Tensor,
                                  cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

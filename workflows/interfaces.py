@@ -503,7 +503,8 @@ class Synthesize(SimpleInterface):
                                 tta=self.inputs.tta,
                                 return_uncertainty=self.inputs.uncertainty)
             out, unc = res if self.inputs.uncertainty else (res, None)
-        out = np.clip(np.nan_to_num(np.asarray(out, dtype=np.float32)), 0.0, 1.0)
+        out = np.asarray(out, dtype=np.float32)
+        np.clip(np.nan_to_num(out, copy=False), 0.0, 1.0, out=out)  # in place: 230 MB at 0.5 mm
         out[~mask] = 0.0
         out_file = str(Path(runtime.cwd) / f"synth7T_{self.inputs.contrast}.nii.gz")
         save_image(out, img.affine, out_file, dtype=self.inputs.storage_dtype, code=MNI_CODE)
@@ -514,7 +515,8 @@ class Synthesize(SimpleInterface):
             if unc is None:
                 raise RuntimeError(f"model {self.inputs.model_name} for {self.inputs.contrast} "
                                    "has no uncertainty head; run with --no-uncertainty")
-            unc = np.clip(np.nan_to_num(np.asarray(unc, dtype=np.float32)), 0.0, 1.0)
+            unc = np.asarray(unc, dtype=np.float32)
+            np.clip(np.nan_to_num(unc, copy=False), 0.0, 1.0, out=unc)
             unc[~mask] = 0.0
             unc_file = str(Path(runtime.cwd) / f"uncertainty_{self.inputs.contrast}.nii.gz")
             save_image(unc, img.affine, unc_file, dtype=self.inputs.storage_dtype,
