@@ -136,3 +136,28 @@ def test_report_in_browser(report, tmp_path):
     path = Path(os.environ.get("SYNTH7T_REPORT") or report[0])
     images = check_report_in_chromium(path, tmp_path)
     assert len(images) == 5 * len(report[1]["inputs"])
+
+
+def test_oblique_native_images_are_shown_on_their_voxel_axes():
+    """An oblique image and its mask get the same axis-aligned display affine (no resampling,
+    overlays exact), with the centre voxel where it was; aligned images are left alone."""
+    from bids_app.report import _on_voxel_axes
+
+    rot = np.eye(4)
+    c, s = np.cos(0.2), np.sin(0.2)
+    rot[1:3, 1:3] = [[c, -s], [s, c]]
+    affine = rot @ np.diag([-1.0, 1.2, 1.5, 1.0])  # LAS and 11 degrees oblique
+    affine[:3, 3] = [40.0, -60.0, -30.0]
+    data = np.random.default_rng(0).random(SHAPE).astype(np.float32)
+    img = nb.Nifti1Image(data, affine)
+    mask = nb.Nifti1Image((data > 0.5).astype(np.float32), affine)
+    shown, shown_mask = _on_voxel_axes(img), _on_voxel_axes(mask)
+    assert np.array_equal(shown.affine, shown_mask.affine)
+    assert np.count_nonzero(shown.affine[:3, :3]) == 3 and np.all(np.diag(shown.affine)[:3] > 0)
+    assert np.allclose(np.diag(shown.affine)[:3], [1.0, 1.2, 1.5])
+    centre = (np.asarray(SHAPE) - 1) / 2
+    assert np.allclose(shown.affine[:3, :3] @ centre + shown.affine[:3, 3],
+                       affine[:3, :3] @ centre + affine[:3, 3])
+    assert np.array_equal(np.asanyarray(shown.dataobj), data[::-1])  # L->R flip, no resampling
+    aligned = nb.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0]))
+    assert _on_voxel_axes(aligned) is aligned
