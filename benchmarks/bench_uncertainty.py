@@ -15,7 +15,10 @@ shipped ``default`` model (or ``--model-dir``):
   the source image and normalised as the App normalises the whole brain (the lesion enters the
   upper percentile with its share of the whole Colin27 brain, not of the slab: see
   ``insert_lesion(brain_voxels=...)``); mean uncertainty in the lesion over mean uncertainty in
-  normal white matter (target >= 2).
+  normal white matter (target >= 2). The lesion test renders the same slabs and draws without
+  the random deformation, so that the anatomy's white-matter map lies where the image's white
+  matter is (with the deformation, "white matter" included grey matter and CSF up to ~5 mm off,
+  and the lesion was cut into them).
 
 Usage::
 
@@ -104,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     for fb in SUPPORTED_BINS:
         per_roi = [sim.sample_all_contrasts(field=fb, seed=args.seed + 1000 * k + int(fb * 10),
                                             roi=roi) for k, roi in enumerate(rois)]
+        # The lesion test needs the white matter where the image has it: the renders above are
+        # randomly deformed (up to ~5 mm here), so it uses undeformed renders of the same slabs
+        # and draws, on which the anatomy's own WM map is exact.
+        plain = [sim.sample_all_contrasts(field=fb, seed=args.seed + 1000 * k + int(fb * 10),
+                                          roi=roi, deform=False) for k, roi in enumerate(rois)]
         wms = [sim.anatomy.resample(roi)["WM"] > 0.9 for roi in rois]
         for c in CONTRASTS:
             synth = load_synthesizer(reg.get(c, fb, "default"))
@@ -111,13 +119,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{c}@{bin_label(fb)}: the model has no uncertainty head", file=sys.stderr)
                 return 1
             us, es, lr = [], [], []
-            for multi, wm in zip(per_roi, wms):
+            for multi, flat, wm in zip(per_roi, plain, wms):
                 src, tgt, mask = _split(multi, c)
                 pred, unc = synth.predict(src, mask, tta=tta, threads=args.threads,
                                           return_uncertainty=True)
                 us.append(unc[mask])
                 es.append(np.abs(pred - tgt)[mask])
-                lr.append(lesion_ratio(synth, src, mask, wm, c, tta=tta, threads=args.threads,
+                fsrc, _, fmask = _split(flat, c)
+                lr.append(lesion_ratio(synth, fsrc, fmask, wm, c, tta=tta, threads=args.threads,
                                        brain_voxels=int(mask0.sum())))
             u, e = np.concatenate(us), np.concatenate(es)
             key = f"{c}@{bin_label(fb)}"
