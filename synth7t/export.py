@@ -183,8 +183,11 @@ SIMULATION_LIMITS = [
     "0.1 T inputs carry little fine detail; the model is trained to be faithful (L1 + SSIM to the "
     "simulated target), not to invent detail.",
     "The uncertainty map is the network's own estimate of its expected absolute error on "
-    "simulated data (plus the test-time flips' disagreement when on): it tracks the real error "
-    "on held-out simulated anatomy and rises on unseen lesions, but it is not a guarantee.",
+    "simulated data (plus the test-time flips' disagreement when on), not a guarantee. On "
+    "held-out simulated anatomy (benchmarks/bench_uncertainty.py) it ranks the error where errors "
+    "are large (T1w/T2w at 0.1-1.5 T) and rises on unseen T1w/T2w lesions, but not on FLAIR "
+    "lesions that the intensity normalisation clips at 1, and it does not rank the small errors "
+    "at T1w 3-5 T or a per-tissue intensity bias (T2w 3-5 T).",
 ]
 
 
