@@ -165,3 +165,27 @@ def test_resolve_device_and_bbox():
 def test_shipped_models_dir_has_no_pickles():
     for path in MODELS_DIR.iterdir():
         assert path.suffix not in {".pt", ".pth", ".pkl", ".ckpt", ".bin"}, path
+
+
+def test_folded_network_computes_the_same_function_for_its_pair():
+    """FiLM folded into the convolutions (what a one-pair synthesiser runs) gives the network's
+    own output and uncertainty for that pair, and leaves the original network untouched."""
+    from synth7t.networks import condition_vector
+
+    torch.manual_seed(0)
+    net = UNet25D(UNetConfig(base=8, levels=3, uncertainty=True)).eval()
+    with torch.no_grad():  # non-trivial FiLM and heads (they start at identity / zero)
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cond = condition_vector("FLAIR", 3.0)[None].expand(2, -1)
+    x = torch.rand(2, 5, 32, 48)
+    folded = net.folded(cond[0])
+    with torch.inference_mode():
+        y, b = net.forward_with_uncertainty(x, cond)
+        yf, bf = folded.forward_with_uncertainty(x, cond)
+    assert torch.allclose(y, yf, atol=1e-5) and torch.allclose(b, bf, rtol=1e-4, atol=1e-6)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    other = condition_vector("T1w", 0.1)[None].expand(2, -1)
+    with torch.inference_mode():  # folded for FLAIR 3 T: another pair is not what it computes
+        assert not torch.allclose(net(x, other), folded(x, other), atol=1e-4)
