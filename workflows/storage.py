@@ -37,7 +37,10 @@ def encode(data: np.ndarray, dtype: str = "uint16") -> tuple[np.ndarray, float]:
     """
     data = np.asarray(data)
     if data.ndim == 0:
-        data = data.reshape(1)
+        raw, slope = encode(data.reshape(1), dtype)
+        return raw.reshape(()), slope
+    if data.size == 0:
+        return np.zeros(data.shape, dtype=dtype), 1.0
     # slabs of ~4 M voxels: a 0.5 mm volume never has a volume-sized float temporary (each
     # one is 230 MB, and this runs beside other nodes), and each slab stays in cache
     step = max(1, (1 << 22) // max(1, data[0].size))
@@ -47,7 +50,7 @@ def encode(data: np.ndarray, dtype: str = "uint16") -> tuple[np.ndarray, float]:
         block = np.asarray(block, dtype=np.float32)
         return np.where(np.isfinite(block) & (block > 0), block, np.float32(0))
 
-    vmax = max((float(clean(data[s]).max()) for s in slabs), default=0.0) if data.size else 0.0
+    vmax = max(float(clean(data[s]).max()) for s in slabs)
     if vmax <= 0:
         return np.zeros(data.shape, dtype=dtype), 1.0
     slope = _slope_for(vmax, dtype)
