@@ -215,7 +215,7 @@ def _empty_grid(like: nib.Nifti1Image) -> "ants.ANTsImage":
 
     ``from_numpy`` copies ``data.T`` into C order; handing it the transpose of a C-ordered
     array makes that copy a straight one, and skipping ``make_image`` skips its extra clone:
-    0.4 s instead of 2.6 s on the 0.5 mm grid.
+    0.08 s instead of 1.6-3.3 s on the 0.5 mm grid.
     """
     origin, spacing, direction = _itk_geometry(like.affine)
     zeros = np.zeros(tuple(int(n) for n in like.shape[:3])[::-1], dtype=np.float32).T
