@@ -202,6 +202,7 @@ class Physics:
         out = Physics(self.table)
         out._scales = {}
         for t in self.tissues:
+            # drawn for fixed tissues too: the other tissues' draws stay those of the same seed
             draw = (float(rng.uniform(1 - a / 2, 1 + a / 2)),
                     float(rng.uniform(1 - a, 1 + a)), float(rng.uniform(1 - a, 1 + a)))
             out._scales[t] = (1.0, 1.0, 1.0) if t in fixed else draw
