@@ -529,11 +529,21 @@ class PatchSampler:
         Slabs kept in memory.
     refresh_every
         Steps between replacing the oldest slab(s) with freshly made ones.
+    input_gain
+        ``(lo, hi)``: each patch's source is multiplied by a gain drawn log-uniformly from this
+        range and clipped to [0, 1], as :func:`synth7t.intensity.normalise` clips (the target
+        keeps its scale: the network must set the 7T level from the source's contrast, not from
+        its normalisation; see :attr:`synth7t.train.TrainConfig.input_gain`). ``None``: no gain.
     """
 
     def __init__(self, sources: list[tuple[SlabSource, float]], rng: np.random.Generator, *,
                  n_slices: int = 5, patch: int = 128, pool_size: int = 24,
-                 refresh_every: int = 8, log: Callable[[str], None] | None = None) -> None:
+                 refresh_every: int = 8, log: Callable[[str], None] | None = None,
+                 input_gain: tuple[float, float] | None = None) -> None:
+        if input_gain is not None and not 0 < input_gain[0] <= input_gain[1]:
+            raise ValueError(f"input_gain must be 0 < lo <= hi, got {input_gain}")
+        self.input_gain = None if input_gain is None or input_gain[0] == input_gain[1] == 1 \
+            else tuple(input_gain)
         self.sources = [s for s, _ in sources]
         w = np.array([wt for _, wt in sources], dtype=float)
         self.weights = w / w.sum()
@@ -585,6 +595,9 @@ class PatchSampler:
         m = cut(slab.mask.astype(np.float32), z)[None]
         if self.rng.random() < 0.5:  # left-right flip: anatomy is roughly symmetric
             x, y, m = x[:, ::-1], y[:, ::-1], m[:, ::-1]
+        if self.input_gain is not None:
+            lo, hi = np.log(self.input_gain)
+            x = np.clip(x * np.float32(np.exp(self.rng.uniform(lo, hi))), 0.0, 1.0)
         return np.ascontiguousarray(x), np.ascontiguousarray(y), np.ascontiguousarray(m)
 
     def batch(self, batch_size: int) -> tuple[torch.Tensor, ...]:

@@ -58,6 +58,32 @@ def test_ssim_matches_skimage():
     assert abs(ours - ref) < 1e-4
 
 
+def test_input_gain_scales_the_source_only():
+    """Each patch's source gets its own gain; its target and mask keep their scale."""
+    one = PatchSampler([(_PhantomSource(), 1.0)], np.random.default_rng(5), n_slices=3, patch=32,
+                       pool_size=2, refresh_every=0, input_gain=(1.0, 1.0))
+    assert one.input_gain is None  # (1, 1) is no gain: the draws stay those of older runs
+    sampler = PatchSampler([(_PhantomSource(), 1.0)], np.random.default_rng(5), n_slices=3,
+                           patch=32, pool_size=2, refresh_every=0, input_gain=(0.7, 1.1))
+    ratios = []
+    for _ in range(6):
+        state = sampler.rng.bit_generator.state
+        x2, y2, m2 = sampler._patch(sampler.pool[0])
+        # the same patch without the gain (the gain is the patch's last draw)
+        sampler.rng.bit_generator.state, sampler.input_gain = state, None
+        x0, y0, m0 = sampler._patch(sampler.pool[0])
+        sampler.input_gain = (0.7, 1.1)
+        assert np.array_equal(y0, y2) and np.array_equal(m0, m2)
+        assert x2.min() >= 0 and x2.max() <= 1
+        inside = (x0 > 0) & (x0 < 0.9)  # not clipped at either gain
+        ratios.append(float(np.median(x2[inside] / x0[inside])))
+    assert all(0.7 - 1e-6 <= r <= 1.1 + 1e-6 for r in ratios)
+    assert max(ratios) - min(ratios) > 0.05  # one gain per patch, not one for all
+    with pytest.raises(ValueError):
+        PatchSampler([(_PhantomSource(), 1.0)], np.random.default_rng(5), pool_size=1,
+                     input_gain=(1.2, 0.8))
+
+
 def test_few_steps_lower_the_loss(tmp_path):
     torch.manual_seed(0)
     cfg = TrainConfig(steps=40, batch_size=4, patch=32, n_slices=3, base=8, lr=3e-3, warmup=1,

@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-uncertainty", action="store_true",
                    help="no uncertainty head (per-voxel expected absolute error)")
     m.add_argument("--unc-weight", type=float, default=0.1, help="weight of the Laplace NLL")
+    m.add_argument("--input-gain", nargs=2, type=float, default=[0.7, 1.1], metavar=("LO", "HI"),
+                   help="random gain on each patch's source, log-uniform in [LO, HI], clipped "
+                        "to [0, 1]: the output must not follow the input's normalisation "
+                        "(default 0.7 1.1; 1 1 turns it off)")
     m.add_argument("--ema-decay", type=float, default=0.999, help="0 disables the weight EMA")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0)
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                       val_slabs=args.val_slabs, threads=args.threads, device=args.device,
                       max_minutes=args.max_minutes, data=data_desc,
                       uncertainty=not args.no_uncertainty, unc_weight=args.unc_weight,
-                      ema_decay=args.ema_decay,
+                      ema_decay=args.ema_decay, input_gain=tuple(args.input_gain),
                       warmup=20 if init_net is not None else 100)
 
     # Held-out set: simulated with seeds offset far from training seeds when the simulator is
@@ -242,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def sampler_factory(rng: np.random.Generator) -> PatchSampler:
         return PatchSampler(sources, rng, n_slices=cfg.n_slices, patch=cfg.patch,
-                            pool_size=cfg.pool_size, refresh_every=cfg.refresh_every, log=_log)
+                            pool_size=cfg.pool_size, refresh_every=cfg.refresh_every, log=_log,
+                            input_gain=cfg.input_gain)
 
     trainer = Trainer(cfg, sampler_factory, args.out, val=val, init_net=init_net, log=_log)
     if args.resume:
