@@ -40,7 +40,8 @@ STAGES = [  # (stage, predicate on the node path inside the participant workflow
     ("N4 bias correction", lambda n: n.endswith("/n4")),
     ("brain extraction / detect", lambda n: "skull_strip" in n or "detect_skull" in n),
     ("registration", lambda n: n.startswith("register_wf/")),
-    ("to 0.5 mm reference grid", lambda n: "/prep_" in n or n.endswith("/ref_mask")),
+    ("to 0.5 mm reference grid", lambda n: "/prep_" in n or "/resample_" in n
+                                or n.endswith("/ref_mask")),
     ("synthesis", lambda n: "/synthesize_" in n),
     ("back to native space", lambda n: "/to_native_" in n),
     ("derivatives (sinks)", lambda n: True),

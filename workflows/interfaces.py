@@ -398,11 +398,43 @@ class MaskToNative(SimpleInterface):
         return runtime
 
 
-class _PrepareInputSpec(BaseInterfaceInputSpec):
+class _ResampleInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="bias-corrected native image")
-    ref_mask = File(exists=True, mandatory=True, desc="brain mask on the reference grid")
     transforms = InputMultiObject(File(exists=True), mandatory=True,
                                   desc="native -> reference (ANTs order)")
+
+
+class _ResampleOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the image on the reference grid (float32, uncompressed)")
+
+
+class ResampleToReference(SimpleInterface):
+    """Resample a native image onto the 0.5 mm reference grid (linear), nothing else.
+
+    Apart from :class:`PrepareSynthesisInput` so that it needs no brain mask: in the graph it
+    runs beside :class:`MaskToReference` instead of after it (~8 s of a T1w-only run on two
+    cores). The file is an uncompressed float32 scratch file of the working directory (230 MB at
+    0.5 mm; gzip would cost more than the resampling saves).
+    """
+
+    input_spec = _ResampleInputSpec
+    output_spec = _ResampleOutputSpec
+
+    def _run_interface(self, runtime):
+        from synth7t.preprocess import to_reference
+
+        out = to_reference(_load(self.inputs.in_file), list(self.inputs.transforms),
+                           interpolation="linear")
+        out_file = _out(runtime, self.inputs.in_file, "ref", ext=".nii")
+        save_image(out.dataobj, out.affine, out_file, dtype="float32", code=MNI_CODE)
+        self._results["out_file"] = out_file
+        return runtime
+
+
+class _PrepareInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True,
+                   desc="bias-corrected image on the reference grid (ResampleToReference)")
+    ref_mask = File(exists=True, mandatory=True, desc="brain mask on the reference grid")
     storage_dtype = traits.Enum("uint16", "int16", "float32", usedefault=True)
 
 
@@ -411,7 +443,7 @@ class _PrepareOutputSpec(TraitedSpec):
 
 
 class PrepareSynthesisInput(SimpleInterface):
-    """Resample to the reference grid, skull-strip with the reference mask, normalise to [0, 1]."""
+    """Skull-strip a reference-grid image with the reference mask and normalise it to [0, 1]."""
 
     input_spec = _PrepareInputSpec
     output_spec = _PrepareOutputSpec
@@ -420,14 +452,12 @@ class PrepareSynthesisInput(SimpleInterface):
         import numpy as np
 
         from synth7t.intensity import normalise
-        from synth7t.preprocess import to_reference
 
-        out = to_reference(_load(self.inputs.in_file), list(self.inputs.transforms),
-                           interpolation="linear")
+        img = _load(self.inputs.in_file)
         mask = np.asanyarray(_load(self.inputs.ref_mask).dataobj) > 0
-        data = normalise(np.asanyarray(out.dataobj), mask)
-        out_file = _out(runtime, self.inputs.in_file, "ref")
-        save_image(data, out.affine, out_file, dtype=self.inputs.storage_dtype, code=MNI_CODE)
+        data = normalise(np.asanyarray(img.dataobj, dtype=np.float32), mask)
+        out_file = _out(runtime, self.inputs.in_file, "preproc")
+        save_image(data, img.affine, out_file, dtype=self.inputs.storage_dtype, code=MNI_CODE)
         self._results["out_file"] = out_file
         return runtime
 

@@ -10,7 +10,8 @@ from nipype.pipeline import engine as pe
 
 from synth7t.fields import bin_label
 
-from .interfaces import MaskToReference, PrepareSynthesisInput, Synthesize, ToNative
+from .interfaces import (MaskToReference, PrepareSynthesisInput, ResampleToReference, Synthesize,
+                         ToNative)
 
 LOGGER = logging.getLogger("synth7t")
 
@@ -179,12 +180,15 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
         (inputnode, ref_mask, [("anchor_mask", "in_mask"), ("anchor2ref", "transforms")]),
         (ref_mask, outputnode, [("out_mask", "ref_mask")]),
     ])
+    # resampling needs no mask, so it runs beside ref_mask; prep then masks and normalises
+    resamples = {c: pe.Node(ResampleToReference(), name=f"resample_{c.lower()}", mem_gb=1.5)
+                 for c in contrasts}
     preps = {c: pe.Node(PrepareSynthesisInput(storage_dtype=storage_dtype),
                         name=f"prep_{c.lower()}", mem_gb=2.0) for c in contrasts}
     for c in contrasts:
         lc = c.lower()
         choice = models[c]
-        prep = preps[c]
+        prep, resample = preps[c], resamples[c]
         synth = pe.Node(
             Synthesize(contrast=c, field_bin=float(field_bins[c]), model_name=choice.name,
                        model_sha256=choice.sha256, passthrough=choice.passthrough,
@@ -203,7 +207,8 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
             wf.connect(merge, "out", synth, "other_files")
         native = pe.Node(ToNative(), name=f"to_native_{lc}", mem_gb=2.0)
         wf.connect([
-            (inputnode, prep, [(f"{lc}_preproc", "in_file")]),
+            (inputnode, resample, [(f"{lc}_preproc", "in_file")]),
+            (resample, prep, [("out_file", "in_file")]),
             (ref_mask, prep, [("out_mask", "ref_mask")]),
             (prep, synth, [("out_file", "in_file")]),
             (ref_mask, synth, [("out_mask", "mask_file")]),
@@ -226,7 +231,7 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
             ])
         if c == anchor:
             wf.connect([
-                (inputnode, prep, [("anchor2ref", "transforms")]),
+                (inputnode, resample, [("anchor2ref", "transforms")]),
                 (inputnode, native, [("ref2anchor", "transforms")]),
             ])
             if unc_native is not None:
@@ -237,7 +242,7 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
             wf.connect([
                 (inputnode, fwd, [("anchor2ref", "in1"), (f"{lc}2anchor", "in2")]),
                 (inputnode, inv, [(f"anchor2{lc}", "in1"), ("ref2anchor", "in2")]),
-                (fwd, prep, [("out", "transforms")]),
+                (fwd, resample, [("out", "transforms")]),
                 (inv, native, [("out", "transforms")]),
             ])
             if unc_native is not None:
