@@ -44,6 +44,7 @@ STAGES = [  # (stage, predicate on the node path inside the participant workflow
                                 or n.endswith("/ref_mask")),
     ("synthesis", lambda n: "/synthesize_" in n),
     ("back to native space", lambda n: "/to_native_" in n),
+    ("reportlets (beside the above)", lambda n: n.startswith("reportlets_") and "/ds_" not in n),
     ("derivatives (sinks)", lambda n: True),
 ]
 

@@ -62,6 +62,9 @@ paths relative to ``out_dir``, ``source`` relative to ``bids_dir``). Times are I
                     "synth_native": "sub-01/anat/sub-01_desc-synth7T_T1w.nii.gz",
                     "xfm": "..._from-T1w_to-MRIxFields_mode-image_xfm.h5",
                     "xfm_inverse": "..._from-MRIxFields_to-T1w_mode-image_xfm.h5",
+                    # reportlets the graph drew (workflows.reportlets): linked, not redrawn
+                    "report_brain": "sub-01/figures/sub-01_desc-brain_T1w.png",
+                    "report_reg": "sub-01/figures/sub-01_space-MRIxFields_desc-reg_T1w.png",
                 },
             },
         ],
@@ -88,10 +91,9 @@ from synth7t.io import atomic_write_bytes, atomic_write_text
 #: Packages whose versions the summary lists when ``run_info["versions"]`` does not.
 VERSION_PACKAGES = ("synth7t", "nipype", "niworkflows", "nibabel", "antspyx", "torch", "numpy",
                     "nilearn", "pybids")
-#: Number of slices per mosaic row.
-N_CUTS = 7
-#: Raster resolution of the figures.
-DPI = 100
+from workflows.reportlets import (  # noqa: F401 - shared with the graph's reportlet nodes
+    DISPLAY_MIN_ZOOM, DPI, N_CUTS, _cuts, _fig_contour, _halve, _Images, _load3d, _on_voxel_axes,
+    template_brain_mask)
 
 _CSS = """
 body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;color:#222;
@@ -186,93 +188,6 @@ def _entities(participant: str, session: str | None) -> str:
 
 
 # --------------------------------------------------------------------------- figures
-#: Images finer than this (mm) are block-averaged 2x2x2 for display: a mosaic shows ~1 mm per
-#: pixel anyway, and it makes a 0.5 mm report several times faster.
-DISPLAY_MIN_ZOOM = 0.9
-
-
-def _load3d(path: Path, *, mask: bool = False):
-    """The image as float32, already halved once when its voxels are below the display size.
-
-    The first halving runs on the stored integers and the scaling (slope, intercept) on the 8x
-    smaller result: the same numbers (the block mean is linear), without scaling every voxel of
-    a 0.5 mm volume first (~1 s each).
-    """
-    import nibabel as nb
-
-    img = nb.load(str(path))
-    if img.ndim > 3:
-        img = img.slicer[..., 0]
-    slope, inter = (img.dataobj.slope, img.dataobj.inter) if nb.is_proxy(img.dataobj) else (1, 0)
-    if min(img.header.get_zooms()[:3]) < DISPLAY_MIN_ZOOM and min(img.shape[:3]) > 8:
-        raw = img.dataobj.get_unscaled() if nb.is_proxy(img.dataobj) else img.dataobj
-        half = _halve(nb.Nifti1Image(np.asanyarray(raw), img.affine), mask=False)
-        data = np.asanyarray(half.dataobj) * np.float32(slope) + np.float32(inter)
-        if mask:
-            data = (data >= 0.5).astype(np.float32)
-        return nb.Nifti1Image(data.astype(np.float32, copy=False), half.affine)
-    return nb.Nifti1Image(np.asanyarray(img.dataobj, dtype=np.float32), img.affine)
-
-
-def _halve(img, *, mask: bool):
-    """2x2x2 block mean (a mask is re-binarised); the affine keeps world positions."""
-    import nibabel as nb
-
-    data = np.asanyarray(img.dataobj)
-    sx, sy, sz = (d - d % 2 for d in data.shape)
-    # pairwise sums along each axis, ~7x faster than a float32 mean over a 6-D reshape (0.08 s
-    # vs 0.62 s on a 0.5 mm volume); exactly the same numbers on stored integers
-    data = data[:sx:2].astype(np.float32) + data[1:sx:2]
-    data = data[:, :sy:2] + data[:, 1:sy:2]
-    data = data[:, :, :sz:2] + data[:, :, 1:sz:2]
-    data *= np.float32(0.125)
-    if mask:
-        data = (data >= 0.5).astype(np.float32)
-    scale = np.array([[2, 0, 0, 0.5], [0, 2, 0, 0.5], [0, 0, 2, 0.5], [0, 0, 0, 1.0]])
-    return nb.Nifti1Image(data, img.affine @ scale)
-
-
-def _on_voxel_axes(img):
-    """An oblique image shown on its own voxel axes (the closest RAS orientation, no
-    interpolation), as MRIQC shows native data: the slices as acquired, and no resampling of a
-    whole native volume for every figure (~2.5 s each on a 1 mm head). Images on the same grid
-    (an image and its mask) get the same display affine, so overlays stay exact; the affine
-    keeps the centre voxel's world position. Axis-aligned images are returned as they are."""
-    import nibabel as nb
-
-    lin = img.affine[:3, :3]
-    if np.count_nonzero(np.abs(lin) > 1e-6 * np.abs(lin).max()) <= 3:
-        return img
-    img = nb.as_closest_canonical(img)
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
-    centre = (np.asarray(img.shape[:3], dtype=float) - 1) / 2
-    affine = np.diag(np.append(zooms, 1.0))
-    affine[:3, 3] = img.affine[:3, :3] @ centre + img.affine[:3, 3] - zooms * centre
-    return nb.Nifti1Image(np.asanyarray(img.dataobj), affine)
-
-
-class _Images:
-    """Loads each derivative once, at display resolution."""
-
-    def __init__(self, scratch: Path) -> None:
-        self.scratch = scratch
-        self._img: dict = {}
-
-    def get(self, path, *, mask: bool = False):
-        key = (str(path), mask)
-        if key not in self._img:
-            from nilearn.image import reorder_img
-
-            img = _load3d(Path(path), mask=mask)
-            while min(img.header.get_zooms()[:3]) < DISPLAY_MIN_ZOOM and min(img.shape) > 8:
-                img = _halve(img, mask=mask)
-            img = _on_voxel_axes(img)
-            # nilearn plots on an axis-aligned RAS grid and resamples an oblique image for every
-            # row of every figure; doing it once here (linear; nearest for masks) saves ~8 s.
-            self._img[key] = reorder_img(img, resample="nearest" if mask else "linear")
-        return self._img[key]
-
-
 def _reference_mask(run_info: dict, scratch: Path) -> tuple[str, str]:
     """Path and description of the reference template brain mask.
 
@@ -283,12 +198,9 @@ def _reference_mask(run_info: dict, scratch: Path) -> tuple[str, str]:
     if given and Path(given).is_file():
         return str(given), Path(given).name
     try:
-        from synth7t.reference import REF_SPACE, TEMPLATEFLOW_HOME
-
-        hits = sorted((Path(TEMPLATEFLOW_HOME) / f"tpl-{REF_SPACE}").glob(
-            f"tpl-{REF_SPACE}*_desc-brain_mask.nii*"))
-        if hits:
-            return str(hits[0]), hits[0].name
+        shipped = template_brain_mask()
+        if shipped:
+            return shipped, Path(shipped).name
     except Exception:  # noqa: BLE001 - the report must never fail on a missing template
         pass
     from nilearn.datasets import load_mni152_brain_mask
@@ -296,60 +208,6 @@ def _reference_mask(run_info: dict, scratch: Path) -> tuple[str, str]:
     path = scratch / "mni152_brain_mask.nii.gz"
     load_mni152_brain_mask(resolution=1).to_filename(path)
     return str(path), "nilearn MNI152 (ICBM 2009a) brain mask"
-
-
-def _cuts(mask_img) -> dict:
-    """niworkflows' cut placement (``cuts_from_bbox``) over the mask's bounding box.
-
-    ``cuts_from_bbox`` keeps the slices whose masked area exceeds a fraction of the whole slice,
-    so on a whole-head or reference-grid field of view only a few central slices qualify and the
-    seven cuts bunch together; cropped to the mask first, they span the brain.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PendingDeprecationWarning)
-        from niworkflows.viz.utils import cuts_from_bbox
-
-    occupied = np.argwhere(np.asanyarray(mask_img.dataobj) > 0)
-    if len(occupied):
-        lo, hi = occupied.min(axis=0), occupied.max(axis=0) + 1
-        mask_img = mask_img.slicer[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    return cuts_from_bbox(mask_img, cuts=N_CUTS)
-
-
-def _fig_contour(image, mask, path: Path, *, title: str = "") -> None:
-    """A mask's contour (red) over an image: axial, sagittal and coronal rows of 7 cuts.
-
-    The sMRIPrep brain-mask / normalisation reportlet, drawn with nilearn ``plot_anat`` +
-    ``add_contours``; cuts and window from niworkflows (``cuts_from_bbox`` over the mask,
-    ``robust_set_limits``: 15th-99.8th percentile). Written as PNG, which is ~5x faster than
-    niworkflows' 300 dpi SVG on the 0.5 mm grid.
-    """
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from nilearn.plotting import plot_anat
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PendingDeprecationWarning)
-        from niworkflows.viz.utils import robust_set_limits
-
-    data = np.asanyarray(image.dataobj)
-    limits = robust_set_limits(data.ravel(), {})
-    cuts = _cuts(mask)
-    fig = plt.figure(figsize=(14, 7.2), facecolor="k")
-    for i, axis in enumerate(("z", "x", "y")):
-        ax = fig.add_axes([0, 1 - (i + 1) / 3, 1, 1 / 3])
-        display = plot_anat(image, display_mode=axis, cut_coords=cuts[axis], figure=fig, axes=ax,
-                            dim=0, colorbar=False, draw_cross=False, black_bg=True,
-                            title=title if i == 0 else None, **limits)
-        display.add_contours(mask, levels=[0.5], colors="r", linewidths=0.8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, facecolor="k")
-    plt.close(fig)
-    atomic_write_bytes(buf.getvalue(), path)
 
 
 def _window_pair(input_img, synth_img, mask_img):
@@ -561,6 +419,14 @@ def _brain_extraction_line(mask_path: Path) -> str:
     return f"Brain extraction: {_esc(bet.get('Method'))} ({_esc(bet.get('Description', ''))})."
 
 
+def _drawn(path: Path | None) -> bool:
+    """Whether a reportlet the graph drew is there to link (an empty file is not)."""
+    try:
+        return path is not None and path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
+
+
 def _input_section(item: dict, idx: int, participant: str, out_dir: Path, fig_dir: Path,
                    ref_mask, ref_mask_name: str, fig_log: list[str], images: "_Images") -> str:
     contrast = str(item.get("contrast", "image"))
@@ -596,7 +462,9 @@ def _input_section(item: dict, idx: int, participant: str, out_dir: Path, fig_di
         bet = _brain_extraction_line(paths["mask"])
         if bet:
             out.append(f'<p class="elem-desc">{bet}</p>')
-        if attempt("brain mask", lambda: _fig_contour(
+        if _drawn(paths.get("report_brain")):  # the graph's reportlet (workflows.reportlets)
+            out.append(_img_tag(out_dir, paths["report_brain"], f"{title} brain mask"))
+        elif attempt("brain mask", lambda: _fig_contour(
                 images.get(paths["preproc"]), images.get(paths["mask"], mask=True), f)):
             out.append(_img_tag(out_dir, f, f"{title} brain mask"))
     else:
@@ -609,7 +477,9 @@ def _input_section(item: dict, idx: int, participant: str, out_dir: Path, fig_di
         out.append('<p class="elem-desc">The input resampled into the reference space, with '
                    f"the reference template's brain mask as a red contour ({_esc(ref_mask_name)})."
                    "</p>")
-        if attempt("registration", lambda: _fig_contour(
+        if _drawn(paths.get("report_reg")):
+            out.append(_img_tag(out_dir, paths["report_reg"], f"{title} registration"))
+        elif attempt("registration", lambda: _fig_contour(
                 images.get(paths["ref_preproc"]), images.get(ref_mask, mask=True), f)):
             out.append(_img_tag(out_dir, f, f"{title} registration"))
     else:

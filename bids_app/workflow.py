@@ -292,6 +292,7 @@ def expected_outputs(item) -> dict[str, dict[str, str]]:
     from synth7t.reference import REF_SPACE
 
     from workflows.outputs import deriv_relpath, xfm_entities
+    from workflows.reportlets import template_brain_mask
 
     anchor = item.contrasts[0]
     a_rel = item.images[anchor].relpath
@@ -308,7 +309,13 @@ def expected_outputs(item) -> dict[str, dict[str, str]]:
             "synth_native": deriv_relpath(rel, desc="synth7T"),
             "xfm": deriv_relpath(a_rel, **xfm_entities(anchor, REF_SPACE, ".h5")),
             "xfm_inverse": deriv_relpath(a_rel, **xfm_entities(REF_SPACE, anchor, ".h5")),
+            # reportlets drawn by the graph (workflows.reportlets); the report links them
+            "report_brain": deriv_relpath(rel, datatype="figures", desc="brain",
+                                          extension=".png"),
         }
+        if template_brain_mask():
+            d["report_reg"] = deriv_relpath(rel, datatype="figures", space=REF_SPACE, desc="reg",
+                                            extension=".png")
         if c != anchor:
             d["xfm_to_anchor"] = deriv_relpath(rel, **xfm_entities(c, anchor, ".txt"))
             d["xfm_from_anchor"] = deriv_relpath(rel, **xfm_entities(anchor, c, ".txt"))

@@ -78,6 +78,7 @@ def _sink_paths(wf) -> dict[str, str]:
         ents = {k: getattr(sink.inputs, k) for k in sink._allowed_entities}
         ext = ".h5" if ents.get("suffix") == "xfm" and ents.get("to") in (REF_SPACE,) or \
             ents.get("from") == REF_SPACE else (".txt" if ents.get("suffix") == "xfm"
+                                                else ".png" if ents.get("datatype") == "figures"
                                                 else ".nii.gz")
         (rel,) = expected_relpath(sink.inputs.source_file, [ext], ents,
                                   compress=sink.inputs.compress)
@@ -103,7 +104,10 @@ def _expected_names(contrasts, session=None):
             names |= {f"{pre}_space-{c}_desc-brain_mask.nii.gz",
                       f"{pre}_from-{c}_to-{a}_mode-image_xfm.txt",
                       f"{pre}_from-{a}_to-{c}_mode-image_xfm.txt"}
-    return {folder + n for n in names}
+    # reportlets drawn by the graph: sub-<label>/figures/, session in the name only (NiPreps)
+    figures = {f"sub-01/figures/{pre}_desc-brain_{c}.png" for c in contrasts}
+    figures |= {f"sub-01/figures/{pre}_space-{REF_SPACE}_desc-reg_{c}.png" for c in contrasts}
+    return {folder + n for n in names} | figures
 
 
 def test_template_brain_extraction_is_single_threaded():

@@ -12,6 +12,7 @@ from synth7t.fields import CONTRASTS
 from .anatomical import init_anat_preproc_wf
 from .outputs import init_ds_anat_wf, init_ds_registration_wf, init_ds_synthesis_wf
 from .registration import init_register_wf
+from .reportlets import init_reportlets_wf
 from .synthesis import ModelChoice, has_uncertainty, init_synthesis_wf, select_model
 
 
@@ -271,6 +272,14 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
                                           (f"outputnode.{lc}_unc_summary",
                                            "inputnode.unc_summary")]),
             ])
+        rpt_wf = init_reportlets_wf(output_dir=output_dir, contrast=c, source_file=str(img.path),
+                                    name=f"reportlets_{lc}_wf")
+        wf.connect([
+            (anat_wfs[c], rpt_wf, [("outputnode.preproc", "inputnode.preproc")]),
+            (anat_wfs[c] if c == anchor else register_wf, rpt_wf,
+             [("outputnode.mask" if c == anchor else f"outputnode.{lc}_mask", "inputnode.mask")]),
+            (synthesis_wf, rpt_wf, [(f"outputnode.{lc}_ref_preproc", "inputnode.ref_preproc")]),
+        ])
         wf.connect([
             (synthesis_wf, ds_synth, [(f"outputnode.{lc}_ref_preproc", "inputnode.ref_preproc"),
                                       (f"outputnode.{lc}_ref_synth", "inputnode.ref_synth"),

@@ -149,12 +149,17 @@ class DerivativesDataSink(_DerivativesDataSink):
       destroys a previous output.
     * Files are copied byte for byte (niworkflows recompresses every .nii.gz at gzip level 9
       and hard-links other files into the work directory).
+    * Figures (``datatype="figures"``) may be PNG.
     * The node re-runs when its inputs change (hash) or when a destination file is missing;
       otherwise the Nipype cache is reused (niworkflows' sink always re-runs).
     """
 
     out_path_base = ""
     _standard_spaces = [*_DerivativesDataSink._standard_spaces, REF_SPACE]
+    # reportlets are PNG (several times faster to draw than niworkflows' SVG at 0.5 mm)
+    _file_patterns = tuple(
+        p.replace("{extension<.html|.svg>|.svg}", "{extension<.html|.svg|.png>|.svg}")
+        for p in _DerivativesDataSink._file_patterns)
 
     @property
     def always_run(self):
