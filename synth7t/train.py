@@ -178,7 +178,10 @@ class TrainConfig:
     #: with the noise (and with vessels or hot voxels) and moves with whoever normalised it;
     #: without this the network let the input's scale set the output's: rendered at WM SNR 3-5
     #: (below the training range), 0.1 T T1w arrived with WM at 0.73-0.79 instead of 0.88-0.90
-    #: and the synthetic 7T WM came out at 0.62-0.67 for a target of 0.94.
+    #: and the synthetic 7T WM came out at 0.62-0.67 for a target of 0.94. Off by default: a
+    #: fine-tune with (0.7, 1.1) halved that pair's loss to copy-input but, with the absolute
+    #: level gone as a cue, missed the Colin27 quality target on T1w 3 T / 5 T and FLAIR 5 T,
+    #: where copy-input is already within a few percent (models/TRAINING.md, "not shipped").
     input_gain: tuple[float, float] = (1.0, 1.0)
 
     def lr_at(self, step: int) -> float:

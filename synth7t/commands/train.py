@@ -96,10 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-uncertainty", action="store_true",
                    help="no uncertainty head (per-voxel expected absolute error)")
     m.add_argument("--unc-weight", type=float, default=0.1, help="weight of the Laplace NLL")
-    m.add_argument("--input-gain", nargs=2, type=float, default=[0.7, 1.1], metavar=("LO", "HI"),
+    m.add_argument("--input-gain", nargs=2, type=float, default=[1.0, 1.0], metavar=("LO", "HI"),
                    help="random gain on each patch's source, log-uniform in [LO, HI], clipped "
-                        "to [0, 1]: the output must not follow the input's normalisation "
-                        "(default 0.7 1.1; 1 1 turns it off)")
+                        "to [0, 1], so that the output does not follow the input's "
+                        "normalisation (default 1 1: off; 0.7 1.1 cost a fine-tuned candidate "
+                        "the quality target on 3 of 12 pairs: synth7t/models/TRAINING.md)")
     m.add_argument("--ema-decay", type=float, default=0.999, help="0 disables the weight EMA")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0)
