@@ -12,7 +12,6 @@ reference grid and ``[T1w->T2w, ref->T1w]`` maps a reference-grid image to the T
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nipype.interfaces.base import (
@@ -506,7 +505,7 @@ class Synthesize(SimpleInterface):
         img = _load(self.inputs.in_file)
         volume = np.asanyarray(img.dataobj, dtype=np.float32)
         mask = np.asanyarray(_load(self.inputs.mask_file).dataobj) > 0
-        unc = synth = None
+        unc = None
         if self.inputs.passthrough:
             out = normalise(volume, mask)
         else:
@@ -538,22 +537,8 @@ class Synthesize(SimpleInterface):
         np.clip(np.nan_to_num(out, copy=False), 0.0, 1.0, out=out)  # in place: 230 MB at 0.5 mm
         out[~mask] = 0.0
         out_file = str(Path(runtime.cwd) / f"synth7T_{self.inputs.contrast}.nii.gz")
-        # zlib lets go of the GIL: the image is compressed while the uncertainty map is
-        # cleaned and compressed (~2 s of a 0.5 mm volume's ~4.5 s of writing)
-        pool = ThreadPoolExecutor(max_workers=1)
-        saving = pool.submit(save_image, out, img.affine, out_file,
-                             dtype=self.inputs.storage_dtype, code=MNI_CODE)
-        try:
-            self._save_uncertainty(runtime, unc, mask, img.affine, synth)
-        finally:
-            pool.shutdown(wait=True)
-        saving.result()  # re-raises a failed write of the image
+        save_image(out, img.affine, out_file, dtype=self.inputs.storage_dtype, code=MNI_CODE)
         self._results["out_file"] = out_file
-        return runtime
-
-    def _save_uncertainty(self, runtime, unc, mask, affine, synth) -> None:
-        import numpy as np
-
         if self.inputs.uncertainty:
             from synth7t.uncertainty import METHOD, METHOD_NO_TTA, NOVELTY, summarise
 
@@ -564,13 +549,15 @@ class Synthesize(SimpleInterface):
             np.clip(np.nan_to_num(unc, copy=False), 0.0, 1.0, out=unc)
             unc[~mask] = 0.0
             unc_file = str(Path(runtime.cwd) / f"uncertainty_{self.inputs.contrast}.nii.gz")
-            save_image(unc, affine, unc_file, dtype=self.inputs.storage_dtype, code=MNI_CODE)
+            save_image(unc, img.affine, unc_file, dtype=self.inputs.storage_dtype,
+                       code=MNI_CODE)
             self._results["out_uncertainty"] = unc_file
             summary = summarise(unc, mask)
             summary["UncertaintyMethod"] = METHOD if self.inputs.tta else METHOD_NO_TTA
             if getattr(getattr(synth, "config", None), "ood_clusters", 0):
                 summary["UncertaintyMethod"] += NOVELTY
             self._results["uncertainty_summary"] = summary
+        return runtime
 
 
 def _crop_to_nonzero(img, margin: int = 2):
