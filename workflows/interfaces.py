@@ -47,6 +47,34 @@ def _load(path):
     return nb.load(str(path))
 
 
+def release_memory() -> None:
+    """Hand the heap a node freed back to the operating system (glibc ``malloc_trim``).
+
+    A Nipype worker process outlives its node, and glibc keeps freed blocks below its mmap
+    threshold (up to 32 MB each: feature maps, slices) in the process: after synthesising a
+    0.5 mm volume a worker stayed at 0.95 GB, 0.42 GB after trimming (0.06 s). Two such workers
+    side by side took a three-contrast run over 4 GB. No-op where there is no glibc.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class MemoryReleasingInterface(SimpleInterface):
+    """A :class:`SimpleInterface` that calls :func:`release_memory` when it has run."""
+
+    def run(self, *args, **kwargs):
+        try:
+            return super().run(*args, **kwargs)
+        finally:
+            release_memory()
+
+
 #: ITK threads for every antspyx node. ITK fixes its thread count when a process first uses it,
 #: and antsRegistration's multithreaded metric sums vary from run to run with more than one
 #: thread, so ANTs nodes run single-threaded and registrations are bit-reproducible for a seed.
@@ -70,7 +98,7 @@ class _ConformOutputSpec(TraitedSpec):
     warnings = traits.List(traits.Str, desc="header problems found and repaired")
 
 
-class Conform(SimpleInterface):
+class Conform(MemoryReleasingInterface):
     """Validate and conform an image (:func:`synth7t.io.conform`)."""
 
     input_spec = _ConformInputSpec
@@ -101,7 +129,7 @@ class _N4OutputSpec(TraitedSpec):
     out_file = File(exists=True)
 
 
-class N4BiasFieldCorrection(SimpleInterface):
+class N4BiasFieldCorrection(MemoryReleasingInterface):
     """N4 bias-field correction at native resolution (:func:`synth7t.preprocess.n4_correct`)."""
 
     input_spec = _N4InputSpec
@@ -167,7 +195,7 @@ class _SkullStripOutputSpec(TraitedSpec):
     provenance = traits.Dict(desc="BrainExtraction sidecar entry of what ran")
 
 
-class SkullStrip(SimpleInterface):
+class SkullStrip(MemoryReleasingInterface):
     """Brain extraction (:func:`synth7t.brain_extraction.extract_brain`), honouring
     ``--skull-strip`` and ``--brain-extraction``; ``omp_nthreads`` are the torch threads of the
     deep engine (ITK threads of the template method: ``ants_nthreads``)."""
@@ -251,7 +279,7 @@ class _RegisterToReferenceOutputSpec(TraitedSpec):
     reverse_transform = File(exists=True, desc="reference -> native (ITK .h5)")
 
 
-class RegisterToReference(SimpleInterface):
+class RegisterToReference(MemoryReleasingInterface):
     """Register a brain to the MRIxFields reference (:func:`synth7t.preprocess.register_to_reference`)."""
 
     input_spec = _RegisterToReferenceInputSpec
@@ -312,7 +340,7 @@ class _RegisterRigidOutputSpec(TraitedSpec):
     reverse_transform = File(exists=True, desc="fixed -> moving (ITK text)")
 
 
-class RegisterRigid(SimpleInterface):
+class RegisterRigid(MemoryReleasingInterface):
     """Rigid registration (:func:`synth7t.preprocess.register_rigid`) and its exact inverse."""
 
     input_spec = _RegisterRigidInputSpec
@@ -343,7 +371,7 @@ class _MaskOutputSpec(TraitedSpec):
     out_mask = File(exists=True)
 
 
-class MaskToReference(SimpleInterface):
+class MaskToReference(MemoryReleasingInterface):
     """Resample a brain mask into the 0.5 mm reference grid (uint8, MNI sform).
 
     Shape-based interpolation (:func:`synth7t.brain_extraction.resample_mask`): the mask's
@@ -376,7 +404,7 @@ class _MaskToNativeInputSpec(BaseInterfaceInputSpec):
                                   desc="source grid -> target grid (ANTs order)")
 
 
-class MaskToNative(SimpleInterface):
+class MaskToNative(MemoryReleasingInterface):
     """Resample a mask onto another native grid (:func:`synth7t.preprocess.to_native`), by
     shape-based interpolation as :class:`MaskToReference`."""
 
@@ -408,7 +436,7 @@ class _ResampleOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="the image on the reference grid (float32, uncompressed)")
 
 
-class ResampleToReference(SimpleInterface):
+class ResampleToReference(MemoryReleasingInterface):
     """Resample a native image onto the 0.5 mm reference grid (linear), nothing else.
 
     Apart from :class:`PrepareSynthesisInput` so that it needs no brain mask: in the graph it
@@ -442,7 +470,7 @@ class _PrepareOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="reference-grid brain, [0, 1], 0 outside the mask")
 
 
-class PrepareSynthesisInput(SimpleInterface):
+class PrepareSynthesisInput(MemoryReleasingInterface):
     """Skull-strip a reference-grid image with the reference mask and normalise it to [0, 1]."""
 
     input_spec = _PrepareInputSpec
@@ -491,7 +519,7 @@ class _SynthesizeOutputSpec(TraitedSpec):
     uncertainty_summary = traits.Dict(desc="sidecar summary (synth7t.uncertainty.summarise)")
 
 
-class Synthesize(SimpleInterface):
+class Synthesize(MemoryReleasingInterface):
     """Field-specific 7T synthesis (:mod:`synth7t.registry`, :mod:`synth7t.inference`)."""
 
     input_spec = _SynthesizeInputSpec
@@ -593,7 +621,7 @@ class _ToNativeOutputSpec(TraitedSpec):
     out_file = File(exists=True)
 
 
-class ToNative(SimpleInterface):
+class ToNative(MemoryReleasingInterface):
     """Bring a synthetic image back to native space (:func:`synth7t.preprocess.to_native`)."""
 
     input_spec = _ToNativeInputSpec

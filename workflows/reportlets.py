@@ -13,10 +13,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    traits)
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, TraitedSpec, traits
 
 from synth7t.io import atomic_write_bytes
+
+from .interfaces import MemoryReleasingInterface
 
 #: Number of slices per mosaic row.
 N_CUTS = 7
@@ -186,7 +187,7 @@ class _ContourOutputSpec(TraitedSpec):
     out_report = File(exists=True, desc="the reportlet (PNG)")
 
 
-class ContourReportlet(SimpleInterface):
+class ContourReportlet(MemoryReleasingInterface):
     """A mask's contour over an image (:func:`_fig_contour`), as the report draws it."""
 
     input_spec = _ContourInputSpec
