@@ -166,6 +166,25 @@ def test_n4_correct_reduces_bias():
     assert cv(out.get_fdata()) < 0.5 * cv(biased)
 
 
+def test_n4_in_its_own_process_on_fixed_threads():
+    """The App's N4: the result of two ITK threads, reproducible, and this process untouched."""
+    img = _phantom()
+    data = img.get_fdata(dtype=np.float32)
+    biased = nib.Nifti1Image(data * (1 + 0.4 * np.linspace(-1, 1, data.shape[0])[:, None, None]),
+                             img.affine)
+    before = os.environ.get(P.THREADS_ENV)
+    a = P.n4_correct_isolated(biased)
+    b = P.n4_correct_isolated(biased)
+    assert os.environ.get(P.THREADS_ENV) == before
+    np.testing.assert_array_equal(a.get_fdata(), b.get_fdata())
+    np.testing.assert_array_equal(a.affine, img.affine)
+    obj = data > 90
+    cv = lambda d: d[obj].std() / d[obj].mean()  # noqa: E731
+    assert cv(a.get_fdata()) < 0.5 * cv(biased.get_fdata())
+    with pytest.raises(RuntimeError, match="N4 bias-field correction failed: .*no positive"):
+        P.n4_correct_isolated(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), img.affine))
+
+
 @pytest.mark.parametrize("shape, factor", [((124, 160, 140), 4), ((181, 217, 181), 5),
                                            ((192, 256, 256), 6), ((256, 320, 320), 8),
                                            ((20, 24, 20), 4)])

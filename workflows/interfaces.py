@@ -77,7 +77,8 @@ class MemoryReleasingInterface(SimpleInterface):
 
 #: ITK threads for every antspyx node. ITK fixes its thread count when a process first uses it,
 #: and antsRegistration's multithreaded metric sums vary from run to run with more than one
-#: thread, so ANTs nodes run single-threaded and registrations are bit-reproducible for a seed.
+#: thread, so ANTs nodes run single-threaded and registrations are bit-reproducible for a seed
+#: (N4 runs on a fixed two threads in a child process: synth7t.preprocess.n4_correct_isolated).
 #: Parallelism comes from running nodes side by side (``--nprocs``); ``--omp-nthreads`` sets the
 #: torch threads of the synthesis nodes.
 ANTS_NTHREADS = 1
@@ -138,10 +139,11 @@ class N4BiasFieldCorrection(MemoryReleasingInterface):
     def _run_interface(self, runtime):
         import numpy as np
 
-        from synth7t.preprocess import n4_correct
+        from synth7t.preprocess import n4_correct_isolated
 
         mask = _load(self.inputs.mask_file) if isdefined(self.inputs.mask_file) else None
-        out = n4_correct(_load(self.inputs.in_file), mask=mask, threads=self.inputs.omp_nthreads)
+        # its own process and thread count (synth7t.preprocess.N4_THREADS), see there
+        out = n4_correct_isolated(_load(self.inputs.in_file), mask=mask)
         out_file = _out(runtime, self.inputs.in_file, "n4")
         # scanner xform codes and mm units: the header the derivatives sink wants for a native
         # image, so it copies the file instead of rewriting it (~40 s for a 1 mm head)
