@@ -389,8 +389,11 @@ def n4_correct_isolated(img: nib.Nifti1Image, *, mask: nib.Nifti1Image | None = 
                      paths[2])
         code = ("import sys; from synth7t.preprocess import _n4_child; "
                 "_n4_child(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))")
+        # ITK may read the variable before n4_correct sets it (at import): the child starts
+        # with it (the App sets 1 for the whole run, see bids_app.workflow)
+        env = {**os.environ, THREADS_ENV: str(int(threads))}
         done = subprocess.run([sys.executable, "-c", code, *paths, str(int(threads))],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=env)
         if done.returncode != 0:
             tail = (done.stderr or "").strip().splitlines()[-1:] or [f"exit {done.returncode}"]
             raise RuntimeError(f"N4 bias-field correction failed: {tail[0]}")

@@ -166,8 +166,9 @@ def test_n4_correct_reduces_bias():
     assert cv(out.get_fdata()) < 0.5 * cv(biased)
 
 
-def test_n4_in_its_own_process_on_fixed_threads():
+def test_n4_in_its_own_process_on_fixed_threads(monkeypatch):
     """The App's N4: the result of two ITK threads, reproducible, and this process untouched."""
+    monkeypatch.setenv(P.THREADS_ENV, "1")  # as the App sets it for the whole run
     img = _phantom()
     data = img.get_fdata(dtype=np.float32)
     biased = nib.Nifti1Image(data * (1 + 0.4 * np.linspace(-1, 1, data.shape[0])[:, None, None]),
@@ -175,7 +176,10 @@ def test_n4_in_its_own_process_on_fixed_threads():
     before = os.environ.get(P.THREADS_ENV)
     a = P.n4_correct_isolated(biased)
     b = P.n4_correct_isolated(biased)
-    assert os.environ.get(P.THREADS_ENV) == before
+    assert os.environ.get(P.THREADS_ENV) == before == "1"
+    # the child really ran on N4_THREADS threads, not on the caller's one
+    one = P.n4_correct_isolated(biased, threads=1)
+    assert not np.array_equal(one.get_fdata(), a.get_fdata())
     np.testing.assert_array_equal(a.get_fdata(), b.get_fdata())
     np.testing.assert_array_equal(a.affine, img.affine)
     obj = data > 90
