@@ -142,8 +142,9 @@ class N4BiasFieldCorrection(MemoryReleasingInterface):
         from synth7t.preprocess import n4_correct_isolated
 
         mask = _load(self.inputs.mask_file) if isdefined(self.inputs.mask_file) else None
-        # its own process and thread count (synth7t.preprocess.N4_THREADS), see there
-        out = n4_correct_isolated(_load(self.inputs.in_file), mask=mask)
+        # a process of its own, for its thread count (see n4_correct_isolated)
+        out = n4_correct_isolated(_load(self.inputs.in_file), mask=mask,
+                                  threads=self.inputs.omp_nthreads)
         out_file = _out(runtime, self.inputs.in_file, "n4")
         # scanner xform codes and mm units: the header the derivatives sink wants for a native
         # image, so it copies the file instead of rewriting it (~40 s for a 1 mm head)
