@@ -161,3 +161,45 @@ def test_oblique_native_images_are_shown_on_their_voxel_axes():
     assert np.array_equal(np.asanyarray(shown.dataobj), data[::-1])  # L->R flip, no resampling
     aligned = nb.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0]))
     assert _on_voxel_axes(aligned) is aligned
+
+
+def test_graph_reportlets_are_linked_and_a_failed_one_is_drawn_by_the_report(tmp_path,
+                                                                            monkeypatch):
+    """A reportlet drawn in the graph is linked as it is; one whose drawing failed (an empty
+    file, never a failed node) is drawn by the report instead."""
+    from workflows import reportlets
+
+    out = tmp_path / "out"
+    run_info = make_derivatives(out, contrasts=("T1w",))
+    der = run_info["inputs"][0]["derivatives"]
+    anat = out / "sub-01" / "anat"
+    ok = reportlets.ContourReportlet(in_file=str(anat / Path(der["preproc"]).name),
+                                     mask_file=str(anat / Path(der["mask"]).name),
+                                     out_name="brain.png").run(cwd=str(tmp_path))
+    drawn = Path(ok.outputs.out_report)
+    assert drawn.stat().st_size > 1000
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(reportlets, "_fig_contour", broken)
+    bad = reportlets.ContourReportlet(in_file=str(anat / Path(der["preproc"]).name),
+                                      mask_file=str(anat / Path(der["mask"]).name),
+                                      out_name="reg.png").run(cwd=str(tmp_path))
+    assert Path(bad.outputs.out_report).stat().st_size == 0
+    monkeypatch.undo()
+
+    figs = out / "sub-01" / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    brain = figs / "graph_desc-brain_T1w.png"
+    brain.write_bytes(drawn.read_bytes())
+    reg = figs / "sub-01_space-MRIxFields_desc-reg_T1w.png"
+    reg.write_bytes(b"")
+    der["report_brain"] = str(brain.relative_to(out))
+    der["report_reg"] = str(reg.relative_to(out))
+    text = generate_report(out, "01", run_info).read_text()
+    srcs = re.findall(r'<img[^>]* src="([^"]+)"', text)
+    assert "sub-01/figures/graph_desc-brain_T1w.png" in srcs  # linked, not redrawn
+    assert not (figs / "sub-01_desc-brain_T1w.png").exists()
+    assert reg.stat().st_size > 1000  # the empty reportlet was drawn by the report
+    assert "sub-01/figures/sub-01_space-MRIxFields_desc-reg_T1w.png" in srcs

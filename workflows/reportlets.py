@@ -9,6 +9,7 @@ three-contrast one. The report then links the sunk PNGs instead of drawing them 
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from nipype.interfaces.base import BaseInterfaceInputSpec, File, TraitedSpec, tr
 from synth7t.io import atomic_write_bytes
 
 from .interfaces import MemoryReleasingInterface
+
+LOGGER = logging.getLogger("synth7t")
 
 #: Number of slices per mosaic row.
 N_CUTS = 7
@@ -196,8 +199,13 @@ class ContourReportlet(MemoryReleasingInterface):
     def _run_interface(self, runtime):
         images = _Images(Path(runtime.cwd))
         out = Path(runtime.cwd) / self.inputs.out_name
-        _fig_contour(images.get(self.inputs.in_file), images.get(self.inputs.mask_file, mask=True),
-                     out)
+        try:
+            _fig_contour(images.get(self.inputs.in_file),
+                         images.get(self.inputs.mask_file, mask=True), out)
+        except Exception as exc:  # noqa: BLE001 - a figure must never fail the participant
+            # an empty file: the report sees no reportlet and draws (or reports) it itself
+            LOGGER.warning("reportlet %s not drawn: %s: %s", out.name, type(exc).__name__, exc)
+            out.write_bytes(b"")
         self._results["out_report"] = str(out)
         return runtime
 
