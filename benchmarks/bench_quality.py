@@ -109,6 +109,12 @@ def _split(multi: dict, contrast: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return multi["source"][contrast], multi["target"][contrast], np.asarray(multi["mask"], bool)
 
 
+def _level(multi: dict, contrast: str) -> float | None:
+    """The whole source volume's upper-class median (models with input scaling need it: a slab
+    is only part of the brain the App would measure it on)."""
+    return multi.get(contrast, {}).get("source_level")
+
+
 def outside_physics(seed: int, frac: float = 0.2):
     """The physics table with source draws from a band ``frac`` beyond the training ranges."""
     import copy
@@ -163,7 +169,8 @@ def score(sim, rois, reg, *, seed: int, methods: list[str], tta: bool | None, th
                     elif m == "baseline":
                         preds[m].append(syns[m].predict(src, mask))
                     else:
-                        preds[m].append(syns[m].predict(src, mask, tta=tta, threads=threads))
+                        preds[m].append(syns[m].predict(src, mask, tta=tta, threads=threads,
+                                                        input_level=_level(multi, c)))
             gt = np.concatenate(gts, axis=2)
             key = f"{c}@{bin_label(fb)}"
             results[key] = {}

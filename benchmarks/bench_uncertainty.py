@@ -37,15 +37,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_quality import CACHE, _split, colin27_simulator, find_colin27  # noqa: E402
+from bench_quality import CACHE, _level, _split, colin27_simulator, find_colin27  # noqa: E402
 
 #: in-plane 3x3 neighbourhood: slabs are only a few slices deep
 INPLANE = np.ones((3, 3, 1), bool)
 
 
 def lesion_ratio(synth, src: np.ndarray, mask: np.ndarray, wm: np.ndarray, contrast: str, *,
-                 tta: bool | None, threads: int,
-                 brain_voxels: int | None = None) -> tuple[float, float, float]:
+                 tta: bool | None, threads: int, brain_voxels: int | None = None,
+                 input_level: float | None = None) -> tuple[float, float, float]:
     """(lesion mean uncertainty, normal-WM mean uncertainty, ratio) for one slab."""
     from scipy import ndimage as ndi
 
@@ -61,7 +61,8 @@ def lesion_ratio(synth, src: np.ndarray, mask: np.ndarray, wm: np.ndarray, contr
     radius = 12.0  # voxels of 0.5 mm: 6 mm
     lesioned, lesion = insert_lesion(src, wm & mask, centre=(int(cx), int(cy), z), radius=radius,
                                      contrast=contrast, brain_voxels=brain_voxels)
-    _, unc = synth.predict(lesioned, mask, tta=tta, threads=threads, return_uncertainty=True)
+    _, unc = synth.predict(lesioned, mask, tta=tta, threads=threads, return_uncertainty=True,
+                           input_level=input_level)
     far = ndi.binary_dilation(lesion, structure=INPLANE, iterations=16)
     normal = core & ~far
     les, nor = float(unc[lesion].mean()), float(unc[normal].mean())
@@ -122,12 +123,14 @@ def main(argv: list[str] | None = None) -> int:
             for multi, flat, wm in zip(per_roi, plain, wms):
                 src, tgt, mask = _split(multi, c)
                 pred, unc = synth.predict(src, mask, tta=tta, threads=args.threads,
-                                          return_uncertainty=True)
+                                          return_uncertainty=True,
+                                          input_level=_level(multi, c))
                 us.append(unc[mask])
                 es.append(np.abs(pred - tgt)[mask])
                 fsrc, _, fmask = _split(flat, c)
                 lr.append(lesion_ratio(synth, fsrc, fmask, wm, c, tta=tta, threads=args.threads,
-                                       brain_voxels=int(mask0.sum())))
+                                       brain_voxels=int(mask0.sum()),
+                                       input_level=_level(flat, c)))
             u, e = np.concatenate(us), np.concatenate(es)
             key = f"{c}@{bin_label(fb)}"
             cal = decile_calibration(u, e)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .baseline import tissue_map
+from .intensity import source_gain
 from .io import sha256_file
 from .networks import DEFAULT_TTA, UNet25D, UNetConfig, condition_vector  # noqa: F401
 from .registry import ModelEntry, ModelIntegrityError, read_verified, safetensors_metadata
@@ -158,7 +159,7 @@ class Synthesizer:
     def predict(self, volume: np.ndarray, mask: np.ndarray | None = None, *,
                 others: dict[str, np.ndarray] | None = None, batch_size: int = 4,
                 tta: bool = False, threads: int | None = None,
-                return_uncertainty: bool = False):
+                return_uncertainty: bool = False, input_level: float | None = None):
         """Synthesise a 7T-like volume.
 
         Parameters
@@ -180,6 +181,10 @@ class Synthesizer:
             Also return the per-voxel uncertainty (see :mod:`synth7t.uncertainty`): expected
             absolute error in the image's [0, 1] units, exactly 0 outside ``mask``; ``None``
             for models that cannot estimate it.
+        input_level
+            Upper-class median (:func:`synth7t.intensity.upper_class_median`) of the whole brain
+            ``volume`` belongs to, for models with input scaling run on part of a volume (a
+            simulated slab); ``None`` measures it on ``volume`` inside ``mask``.
 
         Returns
         -------
@@ -208,7 +213,8 @@ class BaselineSynthesizer(Synthesizer):
 
     def predict(self, volume: np.ndarray, mask: np.ndarray | None = None, *,
                 others: dict[str, np.ndarray] | None = None, batch_size: int = 4,
-                tta: bool = False, threads: int | None = None, return_uncertainty: bool = False):
+                tta: bool = False, threads: int | None = None, return_uncertainty: bool = False,
+                input_level: float | None = None):
         volume = np.asarray(volume, dtype=np.float32)
         mask = _prepare_mask(volume, mask)
         out = tissue_map(volume, mask, self.contrast, self.field_bin, self.params)
@@ -259,7 +265,8 @@ class UNetSynthesizer(Synthesizer):
 
     def predict(self, volume: np.ndarray, mask: np.ndarray | None = None, *,
                 others: dict[str, np.ndarray] | None = None, batch_size: int = 4,
-                tta: bool = False, threads: int | None = None, return_uncertainty: bool = False):
+                tta: bool = False, threads: int | None = None, return_uncertainty: bool = False,
+                input_level: float | None = None):
         volume = np.asarray(volume, dtype=np.float32)
         mask = _prepare_mask(volume, mask)
         box = mask_bbox(mask)
@@ -268,6 +275,8 @@ class UNetSynthesizer(Synthesizer):
             zeros = np.zeros(volume.shape, dtype=np.float32)
             return (zeros, zeros.copy() if want_unc else None) if return_uncertainty else zeros
         src = crop_padded(volume * mask, box)
+        if self.config.input_scaling != "none":
+            src *= np.float32(source_gain(self.config.input_scaling, input_level, volume[mask]))
         oth = {}
         for name in self.config.others:
             arr = (others or {}).get(name)

@@ -26,6 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from .fields import CONTRASTS, SUPPORTED_BINS
+from .intensity import source_gain
 from .networks import UNet25D, UNetConfig, condition_vector, pair_index
 
 PAD = 16
@@ -37,6 +38,9 @@ def slab_features(net: UNet25D, slab, *, per_slab: int, rng: np.random.Generator
 
     n = net.config.n_slices
     src = slab.source * slab.mask
+    if net.config.input_scaling != "none":
+        src = src * np.float32(source_gain(net.config.input_scaling, slab.source_level,
+                                           slab.source[slab.mask]))
     X, Y, Z = src.shape
     px, py = (-X) % PAD, (-Y) % PAD
     cond = condition_vector(slab.contrast, slab.field_bin)[None]

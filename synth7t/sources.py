@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .fields import CONTRASTS, SUPPORTED_BINS, bin_label
-from .intensity import normalise
+from .intensity import INPUT_SCALINGS, normalise, source_gain, upper_class_median
 from .networks import condition_vector
 
 #: MRIxFields modality names -> BIDS suffixes.
@@ -45,6 +45,9 @@ class Slab:
     contrast: str
     field_bin: float
     tag: str = ""
+    #: upper-class median of the whole normalised source volume the slab was cut from
+    #: (:func:`synth7t.intensity.upper_class_median`); ``None``: measure it on the slab
+    source_level: float | None = None
 
 
 class SlabSource(Protocol):
@@ -66,7 +69,7 @@ def crop_to_mask(slab: Slab, margin: int = 4) -> Slab:
                          min(int(idx[-1]) + 1 + margin, slab.mask.shape[axis])))
     b = tuple(box)
     return Slab(slab.source[b].copy(), slab.target[b].copy(), slab.mask[b].copy(),
-                slab.contrast, slab.field_bin, slab.tag)
+                slab.contrast, slab.field_bin, slab.tag, slab.source_level)
 
 
 class SimulatorSource:
@@ -163,7 +166,8 @@ class SimulatorSource:
             return []
         tag = f"sim:{sim.anatomy.name}:{c}:{fb:g}:seed{seed}:" + ",".join(f"{s.start}-{s.stop}" for s in roi)
         return [crop_to_mask(Slab(np.asarray(pair["source"], np.float32),
-                                  np.asarray(pair["target"], np.float32), mask, c, fb, tag=tag))]
+                                  np.asarray(pair["target"], np.float32), mask, c, fb, tag=tag,
+                                  source_level=pair.get("source_level")))]
 
     def make_pair(self, rng: np.random.Generator, contrast: str, field_bin: float) -> list[Slab]:
         """A slab of a given (contrast, field): used to build balanced held-out sets."""
@@ -347,9 +351,9 @@ class VolumePairSource:
         self.pairs = pairs
         self.depth = depth
         self.cache_size = cache
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, float]] = {}
 
-    def _get(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _get(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         if i not in self._cache:
             if len(self._cache) >= self.cache_size:
                 self._cache.pop(next(iter(self._cache)))
@@ -358,12 +362,13 @@ class VolumePairSource:
             if src.shape != tgt.shape:
                 raise ValueError(f"{p.tag}: source {src.shape} and target {tgt.shape} differ")
             mask = (_load_array(p.mask) > 0) if p.mask is not None else (tgt > 0)
-            self._cache[i] = (normalise(src, mask), normalise(tgt, mask), mask)
+            src = normalise(src, mask)
+            self._cache[i] = (src, normalise(tgt, mask), mask, upper_class_median(src[mask]))
         return self._cache[i]
 
     def make(self, rng: np.random.Generator) -> list[Slab]:
         i = int(rng.integers(len(self.pairs)))
-        src, tgt, mask = self._get(i)
+        src, tgt, mask, level = self._get(i)
         zs = np.flatnonzero(mask.any(axis=(0, 1)))
         if zs.size == 0:
             return []
@@ -373,7 +378,7 @@ class VolumePairSource:
         b = (slice(None), slice(None), slice(z0, z0 + depth))
         p = self.pairs[i]
         return [crop_to_mask(Slab(src[b], tgt[b], mask[b], p.contrast, p.field_bin,
-                                  tag=f"{p.tag}:z{z0}"))]
+                                  tag=f"{p.tag}:z{z0}", source_level=level))]
 
 
 _MRIX_RE = re.compile(r"^P_(T1W|T2W|T2FLAIR)_([0-9.]+T)_(\w+?)\.nii(\.gz)?$")
@@ -534,12 +539,20 @@ class PatchSampler:
         range and clipped to [0, 1], as :func:`synth7t.intensity.normalise` clips (the target
         keeps its scale: the network must set the 7T level from the source's contrast, not from
         its normalisation; see :attr:`synth7t.train.TrainConfig.input_gain`). ``None``: no gain.
+    input_scaling
+        The network's :attr:`synth7t.networks.UNetConfig.input_scaling`; ``"upper-class"``
+        scales each patch's source by its slab's :attr:`Slab.source_level` exactly as
+        :meth:`synth7t.inference.UNetSynthesizer.predict` scales a whole volume.
     """
 
     def __init__(self, sources: list[tuple[SlabSource, float]], rng: np.random.Generator, *,
                  n_slices: int = 5, patch: int = 128, pool_size: int = 24,
                  refresh_every: int = 8, log: Callable[[str], None] | None = None,
-                 input_gain: tuple[float, float] | None = None) -> None:
+                 input_gain: tuple[float, float] | None = None,
+                 input_scaling: str = "none") -> None:
+        if input_scaling not in INPUT_SCALINGS:
+            raise ValueError(f"input_scaling must be one of {INPUT_SCALINGS}, got {input_scaling!r}")
+        self.input_scaling = input_scaling
         if input_gain is not None and not 0 < input_gain[0] <= input_gain[1]:
             raise ValueError(f"input_gain must be 0 < lo <= hi, got {input_gain}")
         self.input_gain = None if input_gain is None or input_gain[0] == input_gain[1] == 1 \
@@ -595,6 +608,9 @@ class PatchSampler:
         m = cut(slab.mask.astype(np.float32), z)[None]
         if self.rng.random() < 0.5:  # left-right flip: anatomy is roughly symmetric
             x, y, m = x[:, ::-1], y[:, ::-1], m[:, ::-1]
+        if self.input_scaling != "none":
+            x = x * np.float32(source_gain(self.input_scaling, slab.source_level,
+                                           slab.source[slab.mask]))
         if self.input_gain is not None:
             lo, hi = np.log(self.input_gain)
             x = np.clip(x * np.float32(np.exp(self.rng.uniform(lo, hi))), 0.0, 1.0)

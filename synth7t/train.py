@@ -104,7 +104,8 @@ def evaluate(net: UNet25D, slabs: list[Slab], *, batch_size: int = 8) -> dict:
     per: dict[str, list[dict]] = {}
     for slab in slabs:
         syn = UNetSynthesizer(net, contrast=slab.contrast, field_bin=slab.field_bin)
-        pred = syn.predict(slab.source * slab.mask, slab.mask, batch_size=batch_size)
+        pred = syn.predict(slab.source * slab.mask, slab.mask, batch_size=batch_size,
+                           input_level=slab.source_level)
         gt = slab.target * slab.mask
         src = slab.source * slab.mask
         key = f"{slab.contrast}@{bin_label(slab.field_bin)}"
@@ -183,6 +184,10 @@ class TrainConfig:
     #: level gone as a cue, missed the Colin27 quality target on T1w 3 T / 5 T and FLAIR 5 T,
     #: where copy-input is already within a few percent (models/TRAINING.md, "not shipped").
     input_gain: tuple[float, float] = (1.0, 1.0)
+    #: the network's :attr:`synth7t.networks.UNetConfig.input_scaling` (a fine-tuned network
+    #: takes this one): ``"upper-class"`` scales every source by its whole brain's upper-class
+    #: median, a level that the noise hardly moves (the cure input_gain was not)
+    input_scaling: str = "none"
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -233,6 +238,9 @@ class Trainer:
         else:
             self.net = UNet25D(UNetConfig(n_slices=config.n_slices, base=config.base,
                                           levels=config.levels, uncertainty=config.uncertainty))
+        # the scaling is a property of the input, not of any weight: a fine-tuned network simply
+        # learns under the new one (and records it in its metadata, which inference reads)
+        self.net.config.input_scaling = config.input_scaling
         self.net.to(self.device, memory_format=torch.channels_last).train()
         self.ema = copy.deepcopy(self.net).eval() if config.ema_decay > 0 else None
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=config.lr,

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from synth7t.intensity import INPUT_SCALINGS
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="synth7t-train", description=__doc__.split("\n\n")[0],
@@ -101,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "to [0, 1], so that the output does not follow the input's "
                         "normalisation (default 1 1: off; 0.7 1.1 cost a fine-tuned candidate "
                         "the quality target on 3 of 12 pairs: synth7t/models/TRAINING.md)")
+    m.add_argument("--input-scaling", choices=INPUT_SCALINGS, default="none",
+                   help="how the network's input is scaled (recorded in the weights): 'none' "
+                        "takes the App's [0, 1] input (99.8th percentile = 1), 'upper-class' "
+                        "puts the whole brain's upper Otsu class median at 0.85, a level the "
+                        "noise does not raise")
     m.add_argument("--ema-decay", type=float, default=0.999, help="0 disables the weight EMA")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0)
@@ -230,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                       max_minutes=args.max_minutes, data=data_desc,
                       uncertainty=not args.no_uncertainty, unc_weight=args.unc_weight,
                       ema_decay=args.ema_decay, input_gain=tuple(args.input_gain),
+                      input_scaling=args.input_scaling,
                       warmup=20 if init_net is not None else 100)
 
     # Held-out set: simulated with seeds offset far from training seeds when the simulator is
@@ -248,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     def sampler_factory(rng: np.random.Generator) -> PatchSampler:
         return PatchSampler(sources, rng, n_slices=cfg.n_slices, patch=cfg.patch,
                             pool_size=cfg.pool_size, refresh_every=cfg.refresh_every, log=_log,
-                            input_gain=cfg.input_gain)
+                            input_gain=cfg.input_gain, input_scaling=cfg.input_scaling)
 
     trainer = Trainer(cfg, sampler_factory, args.out, val=val, init_net=init_net, log=_log)
     if args.resume:
