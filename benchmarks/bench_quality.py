@@ -110,7 +110,7 @@ def _split(multi: dict, contrast: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def _level(multi: dict, contrast: str) -> float | None:
-    """The whole source volume's upper-class median (models with input scaling need it: a slab
+    """The whole source brain's mean (models with input scaling need it: a slab
     is only part of the brain the App would measure it on)."""
     return multi.get(contrast, {}).get("source_level")
 

@@ -182,7 +182,7 @@ class Synthesizer:
             absolute error in the image's [0, 1] units, exactly 0 outside ``mask``; ``None``
             for models that cannot estimate it.
         input_level
-            Upper-class median (:func:`synth7t.intensity.upper_class_median`) of the whole brain
+            Upper-class median (:func:`synth7t.intensity.brain_level`) of the whole brain
             ``volume`` belongs to, for models with input scaling run on part of a volume (a
             simulated slab); ``None`` measures it on ``volume`` inside ``mask``.
 
@@ -275,8 +275,9 @@ class UNetSynthesizer(Synthesizer):
             zeros = np.zeros(volume.shape, dtype=np.float32)
             return (zeros, zeros.copy() if want_unc else None) if return_uncertainty else zeros
         src = crop_padded(volume * mask, box)
-        if self.config.input_scaling != "none":
-            src *= np.float32(source_gain(self.config.input_scaling, input_level, volume[mask]))
+        if self.config.input_levels:
+            src *= np.float32(source_gain(self.config.input_levels, self.contrast,
+                                          self.field_bin, input_level, volume[mask]))
         oth = {}
         for name in self.config.others:
             arr = (others or {}).get(name)

@@ -81,11 +81,10 @@ class UNetConfig:
     #: last decoder features per (contrast, field) pair, fitted on normal simulated anatomy
     #: (:mod:`synth7t.ood`); 0 = none.
     ood_clusters: int = 0
-    #: How the source is scaled before the network (:data:`synth7t.intensity.INPUT_SCALINGS`):
-    #: ``"none"`` takes the [0, 1] input as it is; ``"upper-class"`` multiplies it so that the
-    #: whole brain's upper-class median sits at :data:`synth7t.intensity.UPPER_CLASS_LEVEL`
-    #: (a scale that does not rise with the noise, as the 99.8th percentile does).
-    input_scaling: str = "none"
+    #: Input scaling (:func:`synth7t.intensity.source_gain`): per ``"T1w@1.5"``-style pair, the
+    #: level the whole brain's mean is scaled to before the network (a scale that does not rise
+    #: with the noise, as the 99.8th percentile does); empty: the [0, 1] input as it is.
+    input_levels: dict[str, float] = field(default_factory=dict)
 
     @property
     def in_channels(self) -> int:

@@ -38,8 +38,9 @@ def slab_features(net: UNet25D, slab, *, per_slab: int, rng: np.random.Generator
 
     n = net.config.n_slices
     src = slab.source * slab.mask
-    if net.config.input_scaling != "none":
-        src = src * np.float32(source_gain(net.config.input_scaling, slab.source_level,
+    if net.config.input_levels:
+        src = src * np.float32(source_gain(net.config.input_levels, slab.contrast,
+                                           slab.field_bin, slab.source_level,
                                            slab.source[slab.mask]))
     X, Y, Z = src.shape
     px, py = (-X) % PAD, (-Y) % PAD

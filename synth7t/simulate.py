@@ -44,7 +44,7 @@ from scipy import ndimage as ndi
 from synth7t import anatomy as _anat
 from synth7t.anatomy import Anatomy, Roi, roi_bounds
 from synth7t.fields import CONTRASTS
-from synth7t.intensity import UPPER_PERCENTILE, normalise, upper_class_median
+from synth7t.intensity import UPPER_PERCENTILE, brain_level, normalise
 from synth7t.physics import TARGET_FIELD, Physics, field_key
 from synth7t.reference import REF_AFFINE, REF_SHAPE, REF_ZOOMS
 
@@ -455,7 +455,7 @@ class Simulator:
             scale = None
             if roi is None or roi_normalisation == "roi":
                 norm = normalise(img, mask)
-                level = upper_class_median(norm[mask])
+                level = brain_level(norm[mask])
             else:
                 scale, level = self._volume_stats(ch, noise)
                 norm = np.where(mask, np.clip(img / scale, 0.0, 1.0), 0.0)
@@ -463,8 +463,8 @@ class Simulator:
                 norm = np.clip(img / (scale or _percentile(img, mask)), 0.0, 1.0)
             out[c][role] = np.ascontiguousarray(norm, dtype=np.float32)
             out[c]["params"][role] = ch.params()
-            # the upper-class median of the whole normalised volume (synth7t.intensity
-            # .upper_class_median): what a model with input scaling measures on the App's input
+            # the mean of the whole normalised brain (synth7t.intensity.brain_level): what a
+            # model with input scaling measures on the App's input
             out[c][f"{role}_level"] = level
         out["mask"] = mask
         out["params"] = shared
@@ -595,7 +595,7 @@ class Simulator:
 
     def _volume_stats(self, ch: _Channel, noise: bool = True) -> tuple[float, float]:
         """Estimates of the whole volume's upper percentile (what normalise() would use) and of
-        its normalised upper-class median (what an input-scaling model measures)."""
+        its normalised brain mean (what an input-scaling model measures)."""
         p = self._proxy
         sig = sum(ch.signals[t] * f for t, f in p["fractions"].items()
                   if t in _anat.BRAIN_TISSUES)
@@ -608,7 +608,7 @@ class Simulator:
         sigma = 0.5 * ch.signals["WM"] / ch.snr if noise else 0.0
         noisy = np.sqrt((sig + sigma * p["n1"]) ** 2 + (sigma * p["n2"]) ** 2)
         scale = max(float(np.percentile(noisy, UPPER_PERCENTILE)), 1e-12)
-        return scale, upper_class_median(np.clip(noisy / scale, 0.0, 1.0))
+        return scale, brain_level(np.clip(noisy / scale, 0.0, 1.0))
 
 
 def _percentile(img: np.ndarray, mask: np.ndarray) -> float:

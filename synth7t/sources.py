@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .fields import CONTRASTS, SUPPORTED_BINS, bin_label
-from .intensity import INPUT_SCALINGS, normalise, source_gain, upper_class_median
+from .intensity import brain_level, normalise, source_gain
 from .networks import condition_vector
 
 #: MRIxFields modality names -> BIDS suffixes.
@@ -45,8 +45,8 @@ class Slab:
     contrast: str
     field_bin: float
     tag: str = ""
-    #: upper-class median of the whole normalised source volume the slab was cut from
-    #: (:func:`synth7t.intensity.upper_class_median`); ``None``: measure it on the slab
+    #: mean of the whole normalised source brain the slab was cut from
+    #: (:func:`synth7t.intensity.brain_level`); ``None``: measure it on the slab
     source_level: float | None = None
 
 
@@ -363,7 +363,7 @@ class VolumePairSource:
                 raise ValueError(f"{p.tag}: source {src.shape} and target {tgt.shape} differ")
             mask = (_load_array(p.mask) > 0) if p.mask is not None else (tgt > 0)
             src = normalise(src, mask)
-            self._cache[i] = (src, normalise(tgt, mask), mask, upper_class_median(src[mask]))
+            self._cache[i] = (src, normalise(tgt, mask), mask, brain_level(src[mask]))
         return self._cache[i]
 
     def make(self, rng: np.random.Generator) -> list[Slab]:
@@ -539,9 +539,9 @@ class PatchSampler:
         range and clipped to [0, 1], as :func:`synth7t.intensity.normalise` clips (the target
         keeps its scale: the network must set the 7T level from the source's contrast, not from
         its normalisation; see :attr:`synth7t.train.TrainConfig.input_gain`). ``None``: no gain.
-    input_scaling
-        The network's :attr:`synth7t.networks.UNetConfig.input_scaling`; ``"upper-class"``
-        scales each patch's source by its slab's :attr:`Slab.source_level` exactly as
+    input_levels
+        The network's :attr:`synth7t.networks.UNetConfig.input_levels`: each patch's source is
+        scaled by its slab's :attr:`Slab.source_level` exactly as
         :meth:`synth7t.inference.UNetSynthesizer.predict` scales a whole volume.
     """
 
@@ -549,10 +549,8 @@ class PatchSampler:
                  n_slices: int = 5, patch: int = 128, pool_size: int = 24,
                  refresh_every: int = 8, log: Callable[[str], None] | None = None,
                  input_gain: tuple[float, float] | None = None,
-                 input_scaling: str = "none") -> None:
-        if input_scaling not in INPUT_SCALINGS:
-            raise ValueError(f"input_scaling must be one of {INPUT_SCALINGS}, got {input_scaling!r}")
-        self.input_scaling = input_scaling
+                 input_levels: dict[str, float] | None = None) -> None:
+        self.input_levels = dict(input_levels or {})
         if input_gain is not None and not 0 < input_gain[0] <= input_gain[1]:
             raise ValueError(f"input_gain must be 0 < lo <= hi, got {input_gain}")
         self.input_gain = None if input_gain is None or input_gain[0] == input_gain[1] == 1 \
@@ -608,9 +606,9 @@ class PatchSampler:
         m = cut(slab.mask.astype(np.float32), z)[None]
         if self.rng.random() < 0.5:  # left-right flip: anatomy is roughly symmetric
             x, y, m = x[:, ::-1], y[:, ::-1], m[:, ::-1]
-        if self.input_scaling != "none":
-            x = x * np.float32(source_gain(self.input_scaling, slab.source_level,
-                                           slab.source[slab.mask]))
+        if self.input_levels:
+            x = x * np.float32(source_gain(self.input_levels, slab.contrast, slab.field_bin,
+                                           slab.source_level, slab.source[slab.mask]))
         if self.input_gain is not None:
             lo, hi = np.log(self.input_gain)
             x = np.clip(x * np.float32(np.exp(self.rng.uniform(lo, hi))), 0.0, 1.0)

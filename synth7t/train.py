@@ -36,6 +36,7 @@ import torch
 from torch.nn import functional as F
 
 from .fields import bin_label
+from .intensity import BRAIN_MEAN_LEVELS
 from .inference import UNetSynthesizer, save_unet
 from .networks import UNet25D, UNetConfig
 from .registry import (ModelIntegrityError, Registry, RegistryError, read_verified,
@@ -184,9 +185,10 @@ class TrainConfig:
     #: level gone as a cue, missed the Colin27 quality target on T1w 3 T / 5 T and FLAIR 5 T,
     #: where copy-input is already within a few percent (models/TRAINING.md, "not shipped").
     input_gain: tuple[float, float] = (1.0, 1.0)
-    #: the network's :attr:`synth7t.networks.UNetConfig.input_scaling` (a fine-tuned network
-    #: takes this one): ``"upper-class"`` scales every source by its whole brain's upper-class
-    #: median, a level that the noise hardly moves (the cure input_gain was not)
+    #: ``"brain-mean"``: the network scales every source by its whole brain's mean (a level the
+    #: noise hardly moves; the cure input_gain was not) to :data:`synth7t.intensity
+    #: .BRAIN_MEAN_LEVELS` (:attr:`synth7t.networks.UNetConfig.input_levels`; a network that
+    #: already scales keeps its own levels)
     input_scaling: str = "none"
 
     def lr_at(self, step: int) -> float:
@@ -238,9 +240,11 @@ class Trainer:
         else:
             self.net = UNet25D(UNetConfig(n_slices=config.n_slices, base=config.base,
                                           levels=config.levels, uncertainty=config.uncertainty))
-        # the scaling is a property of the input, not of any weight: a fine-tuned network simply
-        # learns under the new one (and records it in its metadata, which inference reads)
-        self.net.config.input_scaling = config.input_scaling
+        # the scaling is a property of the input, not of any weight: a network learns under the
+        # levels it is given (recorded in its metadata, which inference reads); one that already
+        # scales keeps its own, so fine-tuning never moves a model's input scale
+        if config.input_scaling == "brain-mean" and not self.net.config.input_levels:
+            self.net.config.input_levels = dict(BRAIN_MEAN_LEVELS)
         self.net.to(self.device, memory_format=torch.channels_last).train()
         self.ema = copy.deepcopy(self.net).eval() if config.ema_decay > 0 else None
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=config.lr,

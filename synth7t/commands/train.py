@@ -105,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the quality target on 3 of 12 pairs: synth7t/models/TRAINING.md)")
     m.add_argument("--input-scaling", choices=INPUT_SCALINGS, default="none",
                    help="how the network's input is scaled (recorded in the weights): 'none' "
-                        "takes the App's [0, 1] input (99.8th percentile = 1), 'upper-class' "
-                        "puts the whole brain's upper Otsu class median at 0.85, a level the "
-                        "noise does not raise")
+                        "takes the App's [0, 1] input (99.8th percentile = 1), 'brain-mean' "
+                        "puts the whole brain's mean at a fixed level per contrast, a scale "
+                        "the noise does not raise")
     m.add_argument("--ema-decay", type=float, default=0.999, help="0 disables the weight EMA")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0)
@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     def sampler_factory(rng: np.random.Generator) -> PatchSampler:
         return PatchSampler(sources, rng, n_slices=cfg.n_slices, patch=cfg.patch,
                             pool_size=cfg.pool_size, refresh_every=cfg.refresh_every, log=_log,
-                            input_gain=cfg.input_gain, input_scaling=cfg.input_scaling)
+                            input_gain=cfg.input_gain,
+                            input_levels=trainer.net.config.input_levels)
 
     trainer = Trainer(cfg, sampler_factory, args.out, val=val, init_net=init_net, log=_log)
     if args.resume:
