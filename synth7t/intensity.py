@@ -2,7 +2,9 @@
 
 The MRIxFields data are skull-stripped and normalised per volume to [0, 1] with background
 exactly 0; every path in synth7t that feeds a model goes through :func:`normalise` so that
-training and inference see the same scale.
+training and inference see the same scale. A network may declare input levels on top
+(:func:`source_gain`): its source is then rescaled by the whole brain's mean, which the noise
+hardly moves, instead of resting on the 99.8th percentile alone, which it raises.
 """
 from __future__ import annotations
 

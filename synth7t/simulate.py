@@ -8,6 +8,7 @@ Usage (the API the training code calls)::
     pair["source"], pair["target"]                     # float32 [0, 1], 0 outside pair["mask"]
     pair["mask"]                                       # bool brain mask (shared)
     pair["params"]                                     # JSON-able dict of every random draw
+    pair["source_level"], pair["target_level"]         # the whole brain's mean in [0, 1] units
     multi = sim.sample_all_contrasts(field=3.0, seed=7, roi=(slice(None), slice(None),
                                                             slice(170, 190)))
     multi["FLAIR"]["source"], multi["T1w"]["target"]   # one sample()-style dict per contrast
@@ -23,6 +24,9 @@ source, target and all contrasts of one sample) while resampling to the 0.5 mm g
 optional smooth multiplicative bias -> blur (FWHM = effective voxel) and resampling to the
 effective voxel -> Rician noise at that voxel (sigma = WM signal / WM SNR) -> back to 0.5 mm
 (linear) -> skull strip (brain fraction > 0.5) -> normalisation to [0, 1], background 0.
+An ROI is normalised as its whole volume would be: the volume's 99.8th percentile and brain mean
+(``source_level``, the scale of networks with input levels, :func:`synth7t.intensity.source_gain`)
+are estimated from a fixed random subset of the anatomy's brain voxels rendered without blur.
 
 Determinism: everything is drawn from ``np.random.default_rng(seed)``; the same seed, ROI and
 options give identical bytes. Per-contrast draws come from a child generator keyed by the

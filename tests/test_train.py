@@ -46,6 +46,56 @@ def _save(arr, path):
     nib.save(nib.Nifti1Image(arr.astype(np.float32), np.diag([0.5, 0.5, 0.5, 1.0])), str(path))
 
 
+
+def test_input_levels_make_the_network_blind_to_the_input_scale():
+    """A network with input levels sees the same input whatever the [0, 1] scale its source came
+    at (noise moves the 99.8th percentile that sets it); one without them does not."""
+    from synth7t.intensity import BRAIN_MEAN_LEVELS, brain_level
+    from synth7t.networks import UNet25D, UNetConfig
+
+    torch.manual_seed(0)
+    src, _, mask = _phantom(3)
+    src = np.clip(src * (0.6 / src[mask].mean()), 0, 1)  # a gain inside the [0.5, 2] bounds
+    for levels, invariant in ((dict(BRAIN_MEAN_LEVELS), True), ({}, False)):
+        net = UNet25D(UNetConfig(n_slices=3, base=4, levels=2, input_levels=levels))
+        syn = UNetSynthesizer(net, contrast="T1w", field_bin=1.5)
+        a = syn.predict(src, mask)
+        b = syn.predict(src * 0.8, mask)
+        assert np.allclose(a, b, atol=1e-5) == invariant
+    # a part of a volume is scaled by the whole brain's level, when given
+    half = (slice(None), slice(None), slice(0, SHAPE[2] // 2))
+    part = UNetSynthesizer(UNet25D(UNetConfig(n_slices=3, base=4, levels=2,
+                                              input_levels=dict(BRAIN_MEAN_LEVELS))),
+                           contrast="T1w", field_bin=1.5)
+    whole_level = 1.2 * brain_level(src[half][mask[half]])  # a brain brighter than this part
+    own = part.predict(src[half], mask[half])
+    given = part.predict(src[half], mask[half], input_level=whole_level)
+    rescaled = part.predict(src[half] * 0.8, mask[half], input_level=whole_level * 0.8)
+    assert np.allclose(given, rescaled, atol=1e-5)
+    assert not np.allclose(own, given, atol=1e-3)
+
+
+def test_sampler_scales_each_source_by_its_slabs_level():
+    """Training patches get the gain inference gives the whole volume: the slab's level."""
+    from synth7t.intensity import BRAIN_MEAN_LEVELS, brain_level
+
+    nominal = BRAIN_MEAN_LEVELS["T1w@1.5"]
+    s, t, m = _phantom(7)
+    s = np.clip(s * (0.6 / s[m].mean()), 0, 1)  # a gain inside the [0.5, 2] bounds
+    for level, gain in ((nominal / 2, 2.0), (nominal, 1.0), (None, nominal / brain_level(s[m]))):
+        slab = Slab(s, t, m, "T1w", 1.5, source_level=level)
+        draws = []
+        for levels in (None, dict(BRAIN_MEAN_LEVELS)):
+            sampler = PatchSampler([(_PhantomSource(), 1.0)], np.random.default_rng(5),
+                                   n_slices=3, patch=32, pool_size=1, refresh_every=0,
+                                   input_levels=levels)
+            sampler.rng = np.random.default_rng(11)
+            draws.append(sampler._patch(slab))
+        (x0, y0, m0), (x1, y1, m1) = draws
+        assert np.array_equal(y0, y1) and np.array_equal(m0, m1)
+        assert np.allclose(x1, x0 * gain, rtol=1e-5, atol=1e-6)
+
+
 def test_ssim_matches_skimage():
     from skimage.metrics import structural_similarity
 
