@@ -211,12 +211,14 @@ def export_from_run(run_dir: str | Path, folder: Path = MODELS_DIR, *, version: 
         q = json.loads(Path(quality_json).read_text())
         metrics["colin27_simulated"] = {"where": q.get("where"), "seed": q.get("seed"),
                                         "mean": q.get("mean"), "per_pair": q.get("results")}
+    wfile = run_dir / "checkpoints" / f"{weights}.safetensors"
     card = {
         "Description": "conditioned 2.5D U-Net (one network for all 12 (contrast, field) pairs; "
                        "FiLM conditioning on source field bin and contrast; 5 neighbouring axial "
-                       "slices in; residual on the centre slice, clamped to [0, 1])",
+                       "slices in; residual on the centre slice, clamped to [0, 1])"
+                       + _input_text(wfile),
         "TrainingData": "; ".join(state["config"].get("data", [])),
-        "Uncertainty": _uncertainty_text(run_dir / "checkpoints" / f"{weights}.safetensors"),
+        "Uncertainty": _uncertainty_text(wfile),
         "Recipe": state["config"],
         "Loss": _loss_text(_Cfg(state["config"])),
         "Steps": state["step"],
@@ -324,13 +326,27 @@ def _loss_text(cfg) -> str:
     return text
 
 
-def _uncertainty_text(weights: Path) -> str | None:
-    """What the exported network's uncertainty output is (from its safetensors metadata)."""
+def _metadata(weights: Path) -> tuple[dict, UNetConfig]:
     from safetensors import safe_open
 
     with safe_open(str(weights), framework="pt") as fh:
         meta = fh.metadata() or {}
-    cfg = UNetConfig.from_json(meta.get("config", "{}"))
+    return meta, UNetConfig.from_json(meta.get("config", "{}"))
+
+
+def _input_text(weights: Path) -> str:
+    """How the exported network scales its input (empty when it takes it as it is)."""
+    if not _metadata(weights)[1].input_levels:
+        return ""
+    return ("; its [0, 1] input is first scaled so that the whole brain's mean sits at a fixed "
+            "level per pair (Architecture.config.input_levels; synth7t.intensity.source_gain): "
+            "a scale that noise, hot voxels and bright lesions hardly move, unlike the 99.8th "
+            "percentile that sets the [0, 1] range")
+
+
+def _uncertainty_text(weights: Path) -> str | None:
+    """What the exported network's uncertainty output is (from its safetensors metadata)."""
+    meta, cfg = _metadata(weights)
     if not cfg.uncertainty:
         return None
     text = ("per-voxel expected absolute error ([0, 1] units): Laplace scale b of the uncertainty "
