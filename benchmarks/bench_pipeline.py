@@ -8,13 +8,14 @@ process tree (the App and its Nipype workers) every 0.2 s from /proc, then reads
 start/end time from the Nipype result files and prints one table per case::
 
     python benchmarks/bench_pipeline.py [--bids DIR] [--nprocs 2] [--omp-nthreads 2]
-        [--brain-extraction deep|template]
+        [--brain-extraction deep|template] [--no-uncertainty]
 
 Stage wall time is the union of the intervals of its nodes (nodes of a stage may run in
 parallel); "node sum" adds them up. Peak RSS of a stage is the largest process-tree RSS sampled
 while one of its nodes ran. Targets (issue 9, quiet machine, 2 cores): brain extraction <= 15 s
-per 1 mm head, T1w alone <= 110 s, T1w+T2w+FLAIR <= 150 s, peak RSS <= 4 GB.
-Never asserts: it measures.
+per 1 mm head, T1w alone <= 110 s, T1w+T2w+FLAIR <= 150 s, peak RSS <= 4 GB; issue 11 allows
+the uncertainty maps (on by default) 20 s more on T1w alone (130 s), so the T1w-alone verdict
+is against 130 s by default and 110 s with ``--no-uncertainty``. Never asserts: it measures.
 """
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "bids_3t"
-CASES = {"T1w alone (sub-01, whole head)": ("01", 110.0),
-         "T1w+T2w+FLAIR (sub-02, brain-extracted)": ("02", 150.0)}
+#: label, target without the uncertainty maps, target with them (issue 11 allows T1w alone 20 s
+#: for the map; it sets no figure for three contrasts, so sub-02 keeps issue 9's)
+CASES = {"T1w alone (sub-01, whole head)": ("01", 110.0, 130.0),
+         "T1w+T2w+FLAIR (sub-02, brain-extracted)": ("02", 150.0, 150.0)}
 RSS_TARGET_GB = 4.0
 BET_TARGET_S = 15.0
 STAGES = [  # (stage, predicate on the node path inside the participant workflow)
@@ -138,7 +141,8 @@ def run_case(name: str, label: str, target: float, args) -> dict:
            str(args.bids), str(out), "participant", "--participant-label", label,
            "-w", str(work), "--nprocs", str(args.nprocs),
            "--omp-nthreads", str(args.omp_nthreads),
-           "--brain-extraction", args.brain_extraction]
+           "--brain-extraction", args.brain_extraction,
+           *(["--no-uncertainty"] if args.no_uncertainty else [])]
     env = dict(os.environ, NIPYPE_NO_ET="1", TEMPLATEFLOW_AUTOUPDATE="0")
     t_start = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -210,18 +214,21 @@ def main(argv=None) -> int:
     ap.add_argument("--case", choices=list(CASES), action="append",
                     help="run only these cases (default: all)")
     ap.add_argument("--brain-extraction", choices=("deep", "template"), default="deep")
+    ap.add_argument("--no-uncertainty", action="store_true",
+                    help="run the App with --no-uncertainty (issue 9's targets)")
     ap.add_argument("--keep", action="store_true", help="keep the output/work folders")
     ap.add_argument("--top", type=int, default=6, help="list the N slowest nodes")
     args = ap.parse_args(argv)
     with open("/proc/loadavg") as fh:
         load = fh.read().split()[:3]
     print(f"synth7t pipeline benchmark: {args.bids}, --nprocs {args.nprocs} --omp-nthreads "
-          f"{args.omp_nthreads} --brain-extraction {args.brain_extraction}, {os.cpu_count()} "
+          f"{args.omp_nthreads} --brain-extraction {args.brain_extraction}"
+          f"{' --no-uncertainty' if args.no_uncertainty else ' (uncertainty maps on)'}, {os.cpu_count()} "
           f"CPUs, load average {' '.join(load)}")
     failed = []
     for name in args.case or list(CASES):
-        label, target = CASES[name]
-        res = run_case(name, label, target, args)
+        label, without, with_map = CASES[name]
+        res = run_case(name, label, without if args.no_uncertainty else with_map, args)
         print_case(res)
         if res["rc"] != 0:
             failed.append(f"{name} (exit {res['rc']})")
