@@ -86,13 +86,14 @@ from typing import Any
 
 import numpy as np
 
-from synth7t.io import atomic_write_bytes, atomic_write_text
+from synth7t.io import atomic_write_text
 
 #: Packages whose versions the summary lists when ``run_info["versions"]`` does not.
 VERSION_PACKAGES = ("synth7t", "nipype", "niworkflows", "nibabel", "antspyx", "torch", "numpy",
                     "nilearn", "pybids")
 from workflows.reportlets import (  # noqa: F401 - shared with the graph's reportlet nodes
-    DISPLAY_MIN_ZOOM, DPI, N_CUTS, _cuts, _fig_contour, _halve, _Images, _load3d, _on_voxel_axes,
+    DISPLAY_MIN_ZOOM, DPI, MOSAICS, N_CUTS, _cuts, _fig_contour, _fig_mosaic, _fig_uncertainty,
+    _halve, _Images, _load3d, _on_voxel_axes, _uncertainty_vmax, _window_pair,
     template_brain_mask)
 
 _CSS = """
@@ -208,75 +209,6 @@ def _reference_mask(run_info: dict, scratch: Path) -> tuple[str, str]:
     path = scratch / "mni152_brain_mask.nii.gz"
     load_mni152_brain_mask(resolution=1).to_filename(path)
     return str(path), "nilearn MNI152 (ICBM 2009a) brain mask"
-
-
-def _window_pair(input_img, synth_img, mask_img):
-    """Put input and synthetic image on one [0, 1] window (robust max inside the mask)."""
-    import nibabel as nb
-
-    from synth7t.intensity import UPPER_PERCENTILE
-
-    def scaled(img):
-        data = np.nan_to_num(np.asanyarray(img.dataobj, dtype=np.float32))
-        msk = (np.asanyarray(mask_img.dataobj) > 0) if mask_img is not None and \
-            mask_img.shape == img.shape else data > 0
-        vals = data[msk] if msk.any() else data[data > 0]
-        hi = float(np.percentile(vals, UPPER_PERCENTILE)) if vals.size else 1.0
-        return nb.Nifti1Image(np.clip(data / (hi or 1.0), 0, 1).astype(np.float32), img.affine)
-
-    return scaled(input_img), scaled(synth_img) if synth_img is not None else None
-
-
-def _fig_mosaic(input_img, synth_img, cuts: dict, axis: str, path: Path, labels: tuple[str, str]):
-    """Input (top) next to the synthetic 7T image (bottom), same cuts, same [0, 1] window."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from nilearn.plotting import plot_anat
-
-    rows = [(input_img, labels[0])] + ([(synth_img, labels[1])] if synth_img is not None else [])
-    fig = plt.figure(figsize=(14, 2.4 * len(rows)), facecolor="k")
-    for i, (img, label) in enumerate(rows):
-        ax = fig.add_axes([0, 1 - (i + 1) / len(rows), 1, 1 / len(rows)])
-        plot_anat(img, display_mode=axis, cut_coords=cuts[axis], figure=fig, axes=ax,
-                  vmin=0.0, vmax=1.0, dim=0, colorbar=False, draw_cross=False, black_bg=True,
-                  annotate=True, title=label)
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, facecolor="k")
-    plt.close(fig)
-    atomic_write_bytes(buf.getvalue(), path)
-
-
-def _fig_uncertainty(synth_img, unc_img, cuts: dict, path: Path, *, vmax: float) -> None:
-    """The synthetic image with its uncertainty map as a heat overlay (axial and coronal)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from nilearn.plotting import plot_anat
-
-    fig = plt.figure(figsize=(14, 4.8), facecolor="k")
-    for i, axis in enumerate(("z", "y")):
-        ax = fig.add_axes([0, 1 - (i + 1) / 2, 0.94, 1 / 2])
-        display = plot_anat(synth_img, display_mode=axis, cut_coords=cuts[axis], figure=fig,
-                            axes=ax, vmin=0.0, vmax=1.0, dim=0, colorbar=False,
-                            draw_cross=False, black_bg=True, annotate=i == 0,
-                            title="uncertainty (expected absolute error)" if i == 0 else None)
-        display.add_overlay(unc_img, cmap="hot", vmin=0.0, vmax=vmax, threshold=0.2 * vmax,
-                            alpha=0.7, colorbar=False)
-    cax = fig.add_axes([0.955, 0.1, 0.015, 0.8])
-    sm = plt.cm.ScalarMappable(cmap="hot", norm=plt.Normalize(0.0, vmax))
-    cb = fig.colorbar(sm, cax=cax)
-    cb.ax.tick_params(colors="w", labelsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, facecolor="k")
-    plt.close(fig)
-    atomic_write_bytes(buf.getvalue(), path)
 
 
 def _uncertainty_paths(paths: dict) -> tuple[Path | None, dict]:
@@ -490,7 +422,14 @@ def _input_section(item: dict, idx: int, participant: str, out_dir: Path, fig_di
     inp = paths.get("ref_preproc") or paths.get("preproc")
     syn = paths.get("synth") if paths.get("ref_preproc") else paths.get("synth_native")
     syn = syn or paths.get("synth") or paths.get("synth_native")
-    if inp:
+    mosaics = {name: paths.get(f"report_{name}") for _, name in MOSAICS}
+    if all(_drawn(p) for p in mosaics.values()):  # the graph's reportlets
+        out.append('<p class="elem-desc">Top row: the input (registered to the reference); '
+                   "bottom row: the synthetic 7T image at the same positions. Both on one "
+                   "window: 0 to the 99.8th percentile inside the brain.</p>")
+        for name, path in mosaics.items():
+            out.append(_img_tag(out_dir, path, f"{title} {name} mosaic"))
+    elif inp:
         space_mask = paths.get("ref_mask") if paths.get("ref_preproc") else paths.get("mask")
         try:
             in_img = images.get(inp)
@@ -520,7 +459,7 @@ def _input_section(item: dict, idx: int, participant: str, out_dir: Path, fig_di
                        "one window: 0 to the 99.8th percentile inside the brain.</p>")
             if syn_img is None:
                 out.append('<p class="missing">Synthetic image not available.</p>')
-            for axis, name in (("z", "axial"), ("y", "coronal"), ("x", "sagittal")):
+            for axis, name in MOSAICS:
                 f = fig_dir / f"{ent}_desc-synth7T{name}_{contrast}.png"
                 if attempt(f"{name} mosaic", _fig_mosaic, a, b, cuts, axis, f,
                            (f"input {contrast} ({name})", f"synthetic 7T ({name})")):
@@ -549,16 +488,17 @@ def _input_section(item: dict, idx: int, participant: str, out_dir: Path, fig_di
                        "heat overlay; bright = do not trust the detail there.</p>")
 
             def draw():
-                from synth7t.uncertainty import THRESHOLD
-
                 syn_img = images.get(paths["synth"])
                 unc_img = images.get(unc_path)
-                vmax = max(2 * THRESHOLD, float(np.percentile(
-                    np.asanyarray(unc_img.dataobj)[np.asanyarray(syn_img.dataobj) > 0], 99.5)))
                 _fig_uncertainty(_window_pair(syn_img, None, None)[0], unc_img,
-                                 _cuts(syn_img), f, vmax=vmax)
+                                 _cuts(syn_img), f, vmax=_uncertainty_vmax(syn_img, unc_img))
 
-            if attempt("uncertainty", draw):
+            axial = paths.get("report_axial")
+            graph_fig = axial.with_name(axial.name.replace("_desc-synth7Taxial_",
+                                                           "_desc-uncertainty_")) if axial else None
+            if _drawn(graph_fig):  # the graph's reportlet
+                out.append(_img_tag(out_dir, graph_fig, f"{title} uncertainty"))
+            elif attempt("uncertainty", draw):
                 out.append(_img_tag(out_dir, f, f"{title} uncertainty"))
 
     # 5. model card

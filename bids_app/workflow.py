@@ -292,7 +292,7 @@ def expected_outputs(item) -> dict[str, dict[str, str]]:
     from synth7t.reference import REF_SPACE
 
     from workflows.outputs import deriv_relpath, xfm_entities
-    from workflows.reportlets import template_brain_mask
+    from workflows.reportlets import MOSAICS, template_brain_mask
 
     anchor = item.contrasts[0]
     a_rel = item.images[anchor].relpath
@@ -313,6 +313,9 @@ def expected_outputs(item) -> dict[str, dict[str, str]]:
             "report_brain": deriv_relpath(rel, datatype="figures", desc="brain",
                                           extension=".png"),
         }
+        for _, name in MOSAICS:
+            d[f"report_{name}"] = deriv_relpath(rel, datatype="figures", desc=f"synth7T{name}",
+                                                extension=".png")
         if template_brain_mask():
             d["report_reg"] = deriv_relpath(rel, datatype="figures", space=REF_SPACE, desc="reg",
                                             extension=".png")

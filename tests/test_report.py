@@ -203,3 +203,48 @@ def test_graph_reportlets_are_linked_and_a_failed_one_is_drawn_by_the_report(tmp
     assert not (figs / "sub-01_desc-brain_T1w.png").exists()
     assert reg.stat().st_size > 1000  # the empty reportlet was drawn by the report
     assert "sub-01/figures/sub-01_space-MRIxFields_desc-reg_T1w.png" in srcs
+
+
+def test_graph_draws_the_mosaics_and_uncertainty_overlay_and_the_report_links_them(tmp_path):
+    """The synthesis reportlet (beside the back-to-native nodes) draws the three mosaics and the
+    uncertainty overlay; the report links them instead of loading the 0.5 mm images again."""
+    from workflows import reportlets
+
+    out = tmp_path / "out"
+    run_info = make_derivatives(out, contrasts=("T1w",))
+    der = run_info["inputs"][0]["derivatives"]
+    anat = out / "sub-01" / "anat"
+    synth = anat / Path(der["synth"]).name
+    unc = anat / synth.name.replace("_desc-synth7T_", "_desc-uncertainty_")
+    syn = nb.load(str(synth))
+    nb.save(nb.Nifti1Image((0.05 * (np.asanyarray(syn.dataobj) > 0)).astype(np.float32),
+                           syn.affine), str(unc))
+    ref_mask = out / "tpl_desc-brain_mask.nii.gz"
+    res = reportlets.SynthesisReportlet(
+        in_file=str(anat / Path(der["ref_preproc"]).name), synth_file=str(synth),
+        mask_file=str(ref_mask), uncertainty_file=str(unc), contrast="T1w").run(
+            cwd=str(tmp_path))
+    figs = out / "sub-01" / "figures"
+    figs.mkdir(parents=True)
+    for key in ("axial", "coronal", "sagittal", "uncertainty"):
+        drawn = Path(getattr(res.outputs, f"out_{key}"))
+        assert drawn.stat().st_size > 1000, key
+        desc = "uncertainty" if key == "uncertainty" else f"synth7T{key}"
+        (figs / f"sub-01_desc-{desc}_T1w.png").write_bytes(drawn.read_bytes())
+        if key != "uncertainty":
+            der[f"report_{key}"] = f"sub-01/figures/sub-01_desc-{desc}_T1w.png"
+    stamps = {f: f.stat().st_mtime_ns for f in figs.iterdir()}
+    text = generate_report(out, "01", run_info).read_text()
+    srcs = re.findall(r'<img[^>]* src="([^"]+)"', text)
+    for desc in ("synth7Taxial", "synth7Tcoronal", "synth7Tsagittal", "uncertainty"):
+        assert f"sub-01/figures/sub-01_desc-{desc}_T1w.png" in srcs, desc
+    assert {f: f.stat().st_mtime_ns for f in figs.iterdir() if f in stamps} == stamps
+
+    # an input it cannot read: empty files (the report then draws), never a failed node
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    res = reportlets.SynthesisReportlet(
+        in_file=str(bad), synth_file=str(synth), mask_file=str(ref_mask),
+        contrast="T1w").run(cwd=str(tmp_path))
+    assert all(Path(getattr(res.outputs, f"out_{k}")).stat().st_size == 0
+               for k in ("axial", "coronal", "sagittal"))

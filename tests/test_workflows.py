@@ -107,6 +107,8 @@ def _expected_names(contrasts, session=None):
     # reportlets drawn by the graph: sub-<label>/figures/, session in the name only (NiPreps)
     figures = {f"sub-01/figures/{pre}_desc-brain_{c}.png" for c in contrasts}
     figures |= {f"sub-01/figures/{pre}_space-{REF_SPACE}_desc-reg_{c}.png" for c in contrasts}
+    figures |= {f"sub-01/figures/{pre}_desc-synth7T{v}_{c}.png" for c in contrasts
+                for v in ("axial", "coronal", "sagittal")}
     return {folder + n for n in names} | figures
 
 

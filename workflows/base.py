@@ -272,14 +272,19 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
                                           (f"outputnode.{lc}_unc_summary",
                                            "inputnode.unc_summary")]),
             ])
+        with_unc = has_uncertainty(models[c], uncertainty)
         rpt_wf = init_reportlets_wf(output_dir=output_dir, contrast=c, source_file=str(img.path),
-                                    name=f"reportlets_{lc}_wf")
+                                    uncertainty=with_unc, name=f"reportlets_{lc}_wf")
         wf.connect([
             (anat_wfs[c], rpt_wf, [("outputnode.preproc", "inputnode.preproc")]),
             (anat_wfs[c] if c == anchor else register_wf, rpt_wf,
              [("outputnode.mask" if c == anchor else f"outputnode.{lc}_mask", "inputnode.mask")]),
-            (synthesis_wf, rpt_wf, [(f"outputnode.{lc}_ref_preproc", "inputnode.ref_preproc")]),
+            (synthesis_wf, rpt_wf, [(f"outputnode.{lc}_ref_preproc", "inputnode.ref_preproc"),
+                                    (f"outputnode.{lc}_ref_synth", "inputnode.synth"),
+                                    ("outputnode.ref_mask", "inputnode.ref_mask")]),
         ])
+        if with_unc:
+            wf.connect(synthesis_wf, f"outputnode.{lc}_ref_unc", rpt_wf, "inputnode.uncertainty")
         wf.connect([
             (synthesis_wf, ds_synth, [(f"outputnode.{lc}_ref_preproc", "inputnode.ref_preproc"),
                                       (f"outputnode.{lc}_ref_synth", "inputnode.ref_synth"),

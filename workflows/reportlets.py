@@ -27,6 +27,9 @@ N_CUTS = 7
 #: Raster resolution of the figures.
 DPI = 100
 
+#: The input/synthetic mosaics: (nilearn display axis, name in the figure's ``desc``).
+MOSAICS = (("z", "axial"), ("y", "coronal"), ("x", "sagittal"))
+
 #: Images finer than this (mm) are block-averaged 2x2x2 for display: a mosaic shows ~1 mm per
 #: pixel anyway, and it makes a 0.5 mm report several times faster.
 DISPLAY_MIN_ZOOM = 0.9
@@ -169,6 +172,84 @@ def _fig_contour(image, mask, path: Path, *, title: str = "") -> None:
     atomic_write_bytes(buf.getvalue(), path)
 
 
+def _window_pair(input_img, synth_img, mask_img):
+    """Put input and synthetic image on one [0, 1] window (robust max inside the mask)."""
+    import nibabel as nb
+
+    from synth7t.intensity import UPPER_PERCENTILE
+
+    def scaled(img):
+        data = np.nan_to_num(np.asanyarray(img.dataobj, dtype=np.float32))
+        msk = (np.asanyarray(mask_img.dataobj) > 0) if mask_img is not None and \
+            mask_img.shape == img.shape else data > 0
+        vals = data[msk] if msk.any() else data[data > 0]
+        hi = float(np.percentile(vals, UPPER_PERCENTILE)) if vals.size else 1.0
+        return nb.Nifti1Image(np.clip(data / (hi or 1.0), 0, 1).astype(np.float32), img.affine)
+
+    return scaled(input_img), scaled(synth_img) if synth_img is not None else None
+
+
+def _fig_mosaic(input_img, synth_img, cuts: dict, axis: str, path: Path, labels: tuple[str, str]):
+    """Input (top) next to the synthetic 7T image (bottom), same cuts, same [0, 1] window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nilearn.plotting import plot_anat
+
+    rows = [(input_img, labels[0])] + ([(synth_img, labels[1])] if synth_img is not None else [])
+    fig = plt.figure(figsize=(14, 2.4 * len(rows)), facecolor="k")
+    for i, (img, label) in enumerate(rows):
+        ax = fig.add_axes([0, 1 - (i + 1) / len(rows), 1, 1 / len(rows)])
+        plot_anat(img, display_mode=axis, cut_coords=cuts[axis], figure=fig, axes=ax,
+                  vmin=0.0, vmax=1.0, dim=0, colorbar=False, draw_cross=False, black_bg=True,
+                  annotate=True, title=label)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, facecolor="k")
+    plt.close(fig)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+def _fig_uncertainty(synth_img, unc_img, cuts: dict, path: Path, *, vmax: float) -> None:
+    """The synthetic image with its uncertainty map as a heat overlay (axial and coronal)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nilearn.plotting import plot_anat
+
+    fig = plt.figure(figsize=(14, 4.8), facecolor="k")
+    for i, axis in enumerate(("z", "y")):
+        ax = fig.add_axes([0, 1 - (i + 1) / 2, 0.94, 1 / 2])
+        display = plot_anat(synth_img, display_mode=axis, cut_coords=cuts[axis], figure=fig,
+                            axes=ax, vmin=0.0, vmax=1.0, dim=0, colorbar=False,
+                            draw_cross=False, black_bg=True, annotate=i == 0,
+                            title="uncertainty (expected absolute error)" if i == 0 else None)
+        display.add_overlay(unc_img, cmap="hot", vmin=0.0, vmax=vmax, threshold=0.2 * vmax,
+                            alpha=0.7, colorbar=False)
+    cax = fig.add_axes([0.955, 0.1, 0.015, 0.8])
+    sm = plt.cm.ScalarMappable(cmap="hot", norm=plt.Normalize(0.0, vmax))
+    cb = fig.colorbar(sm, cax=cax)
+    cb.ax.tick_params(colors="w", labelsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, facecolor="k")
+    plt.close(fig)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+def _uncertainty_vmax(synth_img, unc_img) -> float:
+    """Top of the uncertainty overlay's colour scale: the map's 99.5th percentile in the brain,
+    at least twice the documented threshold (so a confident image looks confident)."""
+    from synth7t.uncertainty import THRESHOLD
+
+    unc = np.asanyarray(unc_img.dataobj)[np.asanyarray(synth_img.dataobj) > 0]
+    return max(2 * THRESHOLD, float(np.percentile(unc, 99.5)) if unc.size else 0.0)
+
+
 def template_brain_mask() -> str | None:
     """The shipped reference template's brain mask (TemplateFlow layout), or None."""
     try:
@@ -199,19 +280,81 @@ class ContourReportlet(MemoryReleasingInterface):
     def _run_interface(self, runtime):
         images = _Images(Path(runtime.cwd))
         out = Path(runtime.cwd) / self.inputs.out_name
-        try:
-            _fig_contour(images.get(self.inputs.in_file),
-                         images.get(self.inputs.mask_file, mask=True), out)
-        except Exception as exc:  # noqa: BLE001 - a figure must never fail the participant
-            # an empty file: the report sees no reportlet and draws (or reports) it itself
-            LOGGER.warning("reportlet %s not drawn: %s: %s", out.name, type(exc).__name__, exc)
-            out.write_bytes(b"")
+        _draw_or_leave_empty(out, lambda path: _fig_contour(
+            images.get(self.inputs.in_file), images.get(self.inputs.mask_file, mask=True), path))
         self._results["out_report"] = str(out)
         return runtime
 
 
+class _SynthesisInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the input on the reference grid")
+    synth_file = File(exists=True, mandatory=True, desc="the synthetic 7T image (same grid)")
+    mask_file = File(exists=True, mandatory=True, desc="the reference-grid brain mask")
+    uncertainty_file = File(exists=True, desc="its uncertainty map (same grid), if written")
+    contrast = traits.Str(mandatory=True, desc="T1w, T2w or FLAIR (figure labels)")
+
+
+class _SynthesisOutputSpec(TraitedSpec):
+    out_axial = File(exists=True, desc="input above synthetic image, axial (PNG)")
+    out_coronal = File(exists=True, desc="... coronal")
+    out_sagittal = File(exists=True, desc="... sagittal")
+    out_uncertainty = File(desc="the synthetic image with its uncertainty overlay (PNG)")
+
+
+class SynthesisReportlet(MemoryReleasingInterface):
+    """The report's input/synthetic mosaics (:func:`_fig_mosaic`) and uncertainty overlay
+    (:func:`_fig_uncertainty`), drawn as soon as the synthetic image exists."""
+
+    input_spec = _SynthesisInputSpec
+    output_spec = _SynthesisOutputSpec
+
+    def _run_interface(self, runtime):
+        cwd = Path(runtime.cwd)
+        c = self.inputs.contrast
+        outs = {name: cwd / f"{name}.png" for _, name in MOSAICS}
+        want_unc = bool(self.inputs.uncertainty_file)
+        if want_unc:
+            outs["uncertainty"] = cwd / "uncertainty.png"
+        images = _Images(cwd)
+        try:
+            syn = images.get(self.inputs.synth_file)
+            mask = images.get(self.inputs.mask_file, mask=True)
+            inp, syn_w = _window_pair(images.get(self.inputs.in_file), syn, mask)
+            cuts = _cuts(mask)
+        except Exception as exc:  # noqa: BLE001 - a figure must never fail the participant
+            LOGGER.warning("synthesis reportlets not drawn: %s: %s", type(exc).__name__, exc)
+            inp = None
+        for axis, name in MOSAICS:
+            _draw_or_leave_empty(outs[name], lambda out: inp is not None and _fig_mosaic(
+                inp, syn_w, cuts, axis, out, (f"input {c} ({name})", f"synthetic 7T ({name})")))
+        if want_unc:
+            def overlay(out: Path) -> None:
+                unc = images.get(self.inputs.uncertainty_file)
+                _fig_uncertainty(_window_pair(syn, None, None)[0], unc, _cuts(syn), out,
+                                 vmax=_uncertainty_vmax(syn, unc))
+
+            _draw_or_leave_empty(outs["uncertainty"], lambda out: inp is not None and overlay(out))
+        for key, path in outs.items():
+            self._results[f"out_{key}"] = str(path)
+        return runtime
+
+
+def _draw_or_leave_empty(out: Path, draw) -> None:
+    """Draw a reportlet; when it cannot be drawn, an empty file: the report then sees no
+    reportlet and draws (or reports) the figure itself. A file left by an earlier run of the
+    node is removed first, so a failed drawing never passes an old figure off as new."""
+    out.unlink(missing_ok=True)
+    try:
+        draw(out)
+    except Exception as exc:  # noqa: BLE001 - a figure must never fail the participant
+        LOGGER.warning("reportlet %s not drawn: %s: %s", out.name, type(exc).__name__, exc)
+    if not out.is_file():
+        out.write_bytes(b"")
+
+
 def init_reportlets_wf(*, output_dir, contrast: str, source_file: str,
-                       template_mask: str | None = None, name: str | None = None):
+                       template_mask: str | None = None, uncertainty: bool = False,
+                       name: str | None = None):
     """Draw and store the brain-mask and registration reportlets of one input.
 
     Parameters
@@ -225,18 +368,23 @@ def init_reportlets_wf(*, output_dir, contrast: str, source_file: str,
     template_mask
         Reference template brain mask drawn over the registered input (default: the shipped
         one, :func:`template_brain_mask`); no registration reportlet when there is none.
+    uncertainty
+        Whether an uncertainty map comes with the synthetic image (its overlay is drawn).
 
     Inputs
     ------
     preproc, mask
         Native bias-corrected image and its brain mask.
-    ref_preproc
-        The input on the reference grid.
+    ref_preproc, ref_mask
+        The input on the reference grid, and that grid's brain mask.
+    synth, uncertainty
+        The synthetic 7T image on the reference grid (and its uncertainty map).
 
     Outputs
     -------
     brain_report, reg_report
-        The stored PNGs (``desc-brain`` and ``space-<ref>_desc-reg``).
+        The stored PNGs (``desc-brain`` and ``space-<ref>_desc-reg``); the mosaics are stored
+        as ``desc-synth7T{axial,coronal,sagittal}`` and the overlay as ``desc-uncertainty``.
     """
     from nipype.interfaces import utility as niu
     from nipype.pipeline import engine as pe
@@ -248,7 +396,8 @@ def init_reportlets_wf(*, output_dir, contrast: str, source_file: str,
     lc = contrast.lower()
     template_mask = template_mask or template_brain_mask()
     wf = pe.Workflow(name=name or f"reportlets_{lc}_wf")
-    inputnode = pe.Node(niu.IdentityInterface(fields=["preproc", "mask", "ref_preproc"]),
+    inputnode = pe.Node(niu.IdentityInterface(fields=["preproc", "mask", "ref_preproc",
+                                                      "ref_mask", "synth", "uncertainty"]),
                         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["brain_report", "reg_report"]),
                          name="outputnode")
@@ -272,4 +421,17 @@ def init_reportlets_wf(*, output_dir, contrast: str, source_file: str,
             (reg_rpt, ds_reg, [("out_report", "in_file")]),
             (ds_reg, outputnode, [("out_file", "reg_report")]),
         ])
+    synth_rpt = pe.Node(SynthesisReportlet(contrast=contrast), name="synth_rpt", mem_gb=1.0)
+    wf.connect(inputnode, "ref_preproc", synth_rpt, "in_file")
+    wf.connect(inputnode, "synth", synth_rpt, "synth_file")
+    wf.connect(inputnode, "ref_mask", synth_rpt, "mask_file")
+    figures = [name for _, name in MOSAICS]
+    if uncertainty:
+        wf.connect(inputnode, "uncertainty", synth_rpt, "uncertainty_file")
+        figures.append("uncertainty")
+    for fig in figures:
+        ds = _sink(output_dir, f"ds_report_{fig}", compress=None, datatype="figures",
+                   desc=fig if fig == "uncertainty" else f"synth7T{fig}")
+        ds.inputs.source_file = source_file
+        wf.connect(synth_rpt, f"out_{fig}", ds, "in_file")
     return wf
