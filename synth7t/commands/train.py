@@ -106,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--input-scaling", choices=INPUT_SCALINGS, default="none",
                    help="how the network's input is scaled (recorded in the weights): 'none' "
                         "takes the App's [0, 1] input (99.8th percentile = 1), 'brain-mean' "
-                        "puts the whole brain's mean at a fixed level per contrast, a scale "
-                        "the noise does not raise")
+                        "puts the whole brain's mean at a fixed level per pair, a scale the "
+                        "noise does not raise but the brain's tissue proportions move (a "
+                        "fine-tuned candidate missed the quality target on 3 of 12 pairs: "
+                        "synth7t/models/TRAINING.md)")
     m.add_argument("--ema-decay", type=float, default=0.999, help="0 disables the weight EMA")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0)
