@@ -182,7 +182,7 @@ class Synthesizer:
             absolute error in the image's [0, 1] units, exactly 0 outside ``mask``; ``None``
             for models that cannot estimate it.
         input_level
-            Upper-class median (:func:`synth7t.intensity.brain_level`) of the whole brain
+            Mean (:func:`synth7t.intensity.brain_level`) of the whole brain
             ``volume`` belongs to, for models with input scaling run on part of a volume (a
             simulated slab); ``None`` measures it on ``volume`` inside ``mask``.
 
