@@ -243,6 +243,18 @@ def test_interface_conventions(iface):
         assert a.inputs.get_hashval()[1] == b.inputs.get_hashval()[1]
 
 
+
+def test_n4_thread_count_is_part_of_its_cache_key():
+    """N4's result depends on its ITK thread count, so a work folder cached at another count
+    is never reused (the scheduler's omp_nthreads stays out of every cache key)."""
+    from synth7t.preprocess import N4_THREADS
+    from workflows.anatomical import init_anat_preproc_wf
+
+    n4 = init_anat_preproc_wf(contrast="T1w").get_node("n4")
+    assert n4.interface.inputs.threads == N4_THREADS
+    other = N4BiasFieldCorrection(threads=1 if N4_THREADS != 1 else 2)
+    assert other.inputs.get_hashval()[1] != n4.interface.inputs.get_hashval()[1]
+
 # --------------------------------------------------------------------------- model choice
 def test_select_model():
     routing = route_field(3.0, where="x")

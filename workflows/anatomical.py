@@ -67,10 +67,10 @@ def init_anat_preproc_wf(*, contrast: str, skull_strip: str = "auto", is_anchor:
         name="outputnode")
 
     conform = pe.Node(Conform(), name="conform", mem_gb=0.5)
-    # omp_nthreads: N4's own fixed thread count (part of the cache key: a work folder of an
-    # older single-threaded N4 is not reused). One scheduler slot all the same: three N4s of a
+    # threads: N4's own fixed thread count (part of the cache key: a work folder of an older
+    # single-threaded N4 is not reused). One scheduler slot all the same: three N4s of a
     # three-contrast session side by side on two cores took 38 s, one after the other ~60 s.
-    n4 = pe.Node(N4BiasFieldCorrection(omp_nthreads=N4_THREADS), name="n4",
+    n4 = pe.Node(N4BiasFieldCorrection(threads=N4_THREADS), name="n4",
                  n_procs=ANTS_NTHREADS, mem_gb=1.0)
     wf.connect([
         (inputnode, conform, [("in_file", "in_file")]),

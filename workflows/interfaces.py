@@ -121,9 +121,13 @@ class Conform(MemoryReleasingInterface):
 
 
 # --------------------------------------------------------------------------- N4
-class _N4InputSpec(_ThreadsInputSpec):
+class _N4InputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True)
     mask_file = File(exists=True, desc="optional mask restricting the bias-field fit")
+    # not the scheduler's omp_nthreads (which never enters the cache key): N4's result depends
+    # on its thread count, so a work folder of another count must not be reused
+    threads = traits.Int(desc="ITK threads of N4 in its own process (part of the cache key); "
+                              "default synth7t.preprocess.N4_THREADS")
 
 
 class _N4OutputSpec(TraitedSpec):
@@ -139,12 +143,12 @@ class N4BiasFieldCorrection(MemoryReleasingInterface):
     def _run_interface(self, runtime):
         import numpy as np
 
-        from synth7t.preprocess import n4_correct_isolated
+        from synth7t.preprocess import N4_THREADS, n4_correct_isolated
 
         mask = _load(self.inputs.mask_file) if isdefined(self.inputs.mask_file) else None
+        threads = self.inputs.threads if isdefined(self.inputs.threads) else N4_THREADS
         # a process of its own, for its thread count (see n4_correct_isolated)
-        out = n4_correct_isolated(_load(self.inputs.in_file), mask=mask,
-                                  threads=self.inputs.omp_nthreads)
+        out = n4_correct_isolated(_load(self.inputs.in_file), mask=mask, threads=threads)
         out_file = _out(runtime, self.inputs.in_file, "n4")
         # scanner xform codes and mm units: the header the derivatives sink wants for a native
         # image, so it copies the file instead of rewriting it (~40 s for a 1 mm head)
