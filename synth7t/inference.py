@@ -277,7 +277,7 @@ class UNetSynthesizer(Synthesizer):
         src = crop_padded(volume * mask, box)
         if self.config.input_levels:
             src *= np.float32(source_gain(self.config.input_levels, self.contrast,
-                                          self.field_bin, input_level, volume[mask]))
+                                          self.field_bin, input_level, volume, mask))
         oth = {}
         for name in self.config.others:
             arr = (others or {}).get(name)

@@ -84,19 +84,21 @@ def level_key(contrast: str, field_bin: float) -> str:
 
 
 def source_gain(levels: dict[str, float] | None, contrast: str, field_bin: float,
-                level: float | None, values: np.ndarray | None = None) -> float:
+                level: float | None, image: np.ndarray | None = None,
+                mask: np.ndarray | None = None) -> float:
     """Factor a network with input levels ``levels`` (``UNetConfig.input_levels``; empty or
     ``None``: no scaling) applies to its [0, 1] source of ``contrast`` at ``field_bin``.
 
     ``level`` is the whole brain's :func:`brain_level` when the source is part of a volume (a
-    simulated slab); ``None`` measures it on ``values`` (the brain's voxels). Bounded to
+    simulated slab); ``None`` measures it on ``image`` inside ``mask`` (only then is the brain
+    indexed: a training patch or a slab with a known level costs nothing). Bounded to
     [0.5, 2]: an empty or mostly-background mask is left near its own scale, not blown up.
     """
     if not levels:
         return 1.0
     nominal = levels[level_key(contrast, field_bin)]
     if level is None:
-        level = brain_level(values)
+        level = brain_level(image[mask] if mask is not None else image)
     if not np.isfinite(level) or level <= 0:
         return 1.0
     return float(np.clip(nominal / level, 0.5, 2.0))

@@ -40,8 +40,8 @@ def slab_features(net: UNet25D, slab, *, per_slab: int, rng: np.random.Generator
     src = slab.source * slab.mask
     if net.config.input_levels:
         src = src * np.float32(source_gain(net.config.input_levels, slab.contrast,
-                                           slab.field_bin, slab.source_level,
-                                           slab.source[slab.mask]))
+                                           slab.field_bin, slab.source_level, slab.source,
+                                           slab.mask))
     X, Y, Z = src.shape
     px, py = (-X) % PAD, (-Y) % PAD
     cond = condition_vector(slab.contrast, slab.field_bin)[None]

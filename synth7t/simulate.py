@@ -8,7 +8,7 @@ Usage (the API the training code calls)::
     pair["source"], pair["target"]                     # float32 [0, 1], 0 outside pair["mask"]
     pair["mask"]                                       # bool brain mask (shared)
     pair["params"]                                     # JSON-able dict of every random draw
-    pair["source_level"], pair["target_level"]         # the whole brain's mean in [0, 1] units
+    pair["source_level"]                               # the whole source brain's [0, 1] mean
     multi = sim.sample_all_contrasts(field=3.0, seed=7, roi=(slice(None), slice(None),
                                                             slice(170, 190)))
     multi["FLAIR"]["source"], multi["T1w"]["target"]   # one sample()-style dict per contrast
@@ -459,7 +459,7 @@ class Simulator:
             scale = None
             if roi is None or roi_normalisation == "roi":
                 norm = normalise(img, mask)
-                level = brain_level(norm[mask])
+                level = brain_level(norm[mask]) if role == "source" else None
             else:
                 scale, level = self._volume_stats(ch, noise)
                 norm = np.where(mask, np.clip(img / scale, 0.0, 1.0), 0.0)
@@ -467,9 +467,10 @@ class Simulator:
                 norm = np.clip(img / (scale or _percentile(img, mask)), 0.0, 1.0)
             out[c][role] = np.ascontiguousarray(norm, dtype=np.float32)
             out[c]["params"][role] = ch.params()
-            # the mean of the whole normalised brain (synth7t.intensity.brain_level): what a
-            # model with input scaling measures on the App's input
-            out[c][f"{role}_level"] = level
+            if role == "source":
+                # the mean of the whole normalised brain (synth7t.intensity.brain_level): what
+                # a model with input scaling measures on the App's input
+                out[c]["source_level"] = level
         out["mask"] = mask
         out["params"] = shared
         return out

@@ -608,7 +608,7 @@ class PatchSampler:
             x, y, m = x[:, ::-1], y[:, ::-1], m[:, ::-1]
         if self.input_levels:
             x = x * np.float32(source_gain(self.input_levels, slab.contrast, slab.field_bin,
-                                           slab.source_level, slab.source[slab.mask]))
+                                           slab.source_level, slab.source, slab.mask))
         if self.input_gain is not None:
             lo, hi = np.log(self.input_gain)
             x = np.clip(x * np.float32(np.exp(self.rng.uniform(lo, hi))), 0.0, 1.0)

@@ -275,7 +275,8 @@ def test_a_slab_meets_the_input_scale_of_its_whole_volume(sim, contrast, field):
     assert abs(whole["source_level"] - float(whole["source"][whole["mask"]].mean())) < 1e-3
     both = part["mask"] & whole["mask"][roi]
     g_part = source_gain(BRAIN_MEAN_LEVELS, contrast, field, part["source_level"])
-    g_whole = source_gain(BRAIN_MEAN_LEVELS, contrast, field, None, whole["source"][whole["mask"]])
+    g_whole = source_gain(BRAIN_MEAN_LEVELS, contrast, field, None, whole["source"],
+                          whole["mask"])
     seen_part = g_part * float(part["source"][both].mean())
     seen_whole = g_whole * float(whole["source"][roi][both].mean())
     # measured 1-5 % (the proxy has no blur and a simplified noise); the 99.8th percentile
