@@ -92,8 +92,8 @@ from synth7t.io import atomic_write_text
 VERSION_PACKAGES = ("synth7t", "nipype", "niworkflows", "nibabel", "antspyx", "torch", "numpy",
                     "nilearn", "pybids")
 from workflows.reportlets import (  # noqa: F401 - shared with the graph's reportlet nodes
-    DISPLAY_MIN_ZOOM, DPI, MOSAICS, N_CUTS, _cuts, _fig_contour, _fig_mosaic, _fig_uncertainty,
-    _halve, _Images, _load3d, _on_voxel_axes, _uncertainty_vmax, _window_pair,
+    DISPLAY_MIN_ZOOM, DPI, MOSAICS, N_CUTS, _cuts, _draw_uncertainty, _fig_contour, _fig_mosaic,
+    _halve, _Images, _load3d, _on_voxel_axes, _window_pair,
     template_brain_mask)
 
 _CSS = """
@@ -487,18 +487,12 @@ def _input_section(item: dict, idx: int, participant: str, out_dir: Path, fig_di
                        "uncertainty (expected absolute error, in the image's [0, 1] units) as a "
                        "heat overlay; bright = do not trust the detail there.</p>")
 
-            def draw():
-                syn_img = images.get(paths["synth"])
-                unc_img = images.get(unc_path)
-                _fig_uncertainty(_window_pair(syn_img, None, None)[0], unc_img,
-                                 _cuts(syn_img), f, vmax=_uncertainty_vmax(syn_img, unc_img))
-
             axial = paths.get("report_axial")
             graph_fig = axial.with_name(axial.name.replace("_desc-synth7Taxial_",
                                                            "_desc-uncertainty_")) if axial else None
             if _drawn(graph_fig):  # the graph's reportlet
                 out.append(_img_tag(out_dir, graph_fig, f"{title} uncertainty"))
-            elif attempt("uncertainty", draw):
+            elif attempt("uncertainty", _draw_uncertainty, images, paths["synth"], unc_path, f):
                 out.append(_img_tag(out_dir, f, f"{title} uncertainty"))
 
     # 5. model card

@@ -241,13 +241,16 @@ def _fig_uncertainty(synth_img, unc_img, cuts: dict, path: Path, *, vmax: float)
     atomic_write_bytes(buf.getvalue(), path)
 
 
-def _uncertainty_vmax(synth_img, unc_img) -> float:
-    """Top of the uncertainty overlay's colour scale: the map's 99.5th percentile in the brain,
-    at least twice the documented threshold (so a confident image looks confident)."""
+def _draw_uncertainty(images: "_Images", synth_file, unc_file, path: Path) -> None:
+    """:func:`_fig_uncertainty` of a synthetic image and its map, on the synthetic image's own
+    window and cuts; the colour scale tops at the map's 99.5th percentile in the brain, at least
+    twice the documented threshold (so a confident image looks confident)."""
     from synth7t.uncertainty import THRESHOLD
 
-    unc = np.asanyarray(unc_img.dataobj)[np.asanyarray(synth_img.dataobj) > 0]
-    return max(2 * THRESHOLD, float(np.percentile(unc, 99.5)) if unc.size else 0.0)
+    syn, unc = images.get(synth_file), images.get(unc_file)
+    vals = np.asanyarray(unc.dataobj)[np.asanyarray(syn.dataobj) > 0]
+    vmax = max(2 * THRESHOLD, float(np.percentile(vals, 99.5)) if vals.size else 0.0)
+    _fig_uncertainty(_window_pair(syn, None, None)[0], unc, _cuts(syn), path, vmax=vmax)
 
 
 def template_brain_mask() -> str | None:
@@ -328,12 +331,9 @@ class SynthesisReportlet(MemoryReleasingInterface):
             _draw_or_leave_empty(outs[name], lambda out: inp is not None and _fig_mosaic(
                 inp, syn_w, cuts, axis, out, (f"input {c} ({name})", f"synthetic 7T ({name})")))
         if want_unc:
-            def overlay(out: Path) -> None:
-                unc = images.get(self.inputs.uncertainty_file)
-                _fig_uncertainty(_window_pair(syn, None, None)[0], unc, _cuts(syn), out,
-                                 vmax=_uncertainty_vmax(syn, unc))
-
-            _draw_or_leave_empty(outs["uncertainty"], lambda out: inp is not None and overlay(out))
+            _draw_or_leave_empty(outs["uncertainty"], lambda out: inp is not None and
+                                 _draw_uncertainty(images, self.inputs.synth_file,
+                                                   self.inputs.uncertainty_file, out))
         for key, path in outs.items():
             self._results[f"out_{key}"] = str(path)
         return runtime
