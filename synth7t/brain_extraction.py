@@ -53,6 +53,7 @@ __all__ = [
     "clean_mask",
     "signed_distance",
     "resample_mask",
+    "mask_to_reference",
 ]
 
 #: ``--brain-extraction`` choices; ``deep`` is the default.
@@ -402,6 +403,33 @@ def resample_mask(mask_img: nib.Nifti1Image, resample, *, clean: bool = True) ->
     # a target voxel outside the source field of view reads 0 (= "on the surface"): count it out
     data = np.asanyarray(out.dataobj, dtype=np.float32) > 1e-3
     return clean_mask(data) if clean and data.any() else data
+
+
+#: :func:`mask_to_reference` looks for the brain's box where the coarse distance map exceeds
+#: this (mm): a fine voxel is <= 1.7 mm from a coarse one and the map changes ~1 per mm.
+BOX_LEVEL_MM = -3.0
+
+
+def mask_to_reference(mask_img: nib.Nifti1Image, transforms) -> np.ndarray:
+    """:func:`resample_mask` onto the 0.5 mm reference grid, resampling only the brain's box.
+
+    The box is found on a 2 mm grid first (:func:`synth7t.preprocess.reference_box`); on
+    sub-01 it is 2/3 of the grid and the node ~3 s faster. The voxels are those of resampling
+    the whole grid up to float rounding of values at the threshold (3 of 15.4 million on
+    sub-01, all with a distance of 0.00099 mm for a threshold of 0.001).
+    """
+    from .preprocess import reference_box, to_reference_box
+    from .reference import REF_AFFINE, REF_SHAPE
+
+    tlist = list(transforms) if not isinstance(transforms, str) else [transforms]
+
+    def resample(sdf: nib.Nifti1Image) -> nib.Nifti1Image:
+        box = reference_box(sdf, tlist, above=BOX_LEVEL_MM)
+        data = (to_reference_box(sdf, tlist, box) if box is not None
+                else np.zeros(REF_SHAPE, np.float32))
+        return nib.Nifti1Image(data, REF_AFFINE)
+
+    return resample_mask(mask_img, resample)
 
 
 # ----------------------------------------------------------------------------- API

@@ -49,6 +49,8 @@ __all__ = [
     "register_rigid",
     "register_to_reference",
     "to_reference",
+    "reference_box",
+    "to_reference_box",
     "to_native",
     "nib_to_ants",
     "ants_to_nib",
@@ -596,6 +598,57 @@ def to_reference(img: nib.Nifti1Image, transforms: str | Sequence[str], *,
     return _apply(img, ref, _as_list(transforms), interpolation, invert, threads)
 
 
+#: Coarse step (reference voxels) of :func:`reference_box`'s first look: 2 mm on the 0.5 mm grid.
+BOX_STEP = 4
+
+
+def reference_box(img: nib.Nifti1Image, transforms: str | Sequence[str], *, above: float,
+                  margin: int = 1, invert: Sequence[bool] | None = None
+                  ) -> tuple[slice, slice, slice] | None:
+    """The part of the reference grid where ``img`` (native, resampled linearly) can exceed
+    ``above``: found on a grid :data:`BOX_STEP` times coarser (1/64 of the voxels, ~0.1 s)
+    and widened by ``margin`` coarse voxels. None when nothing exceeds it.
+
+    For a quantity that changes by at most ~1 per mm (a signed distance map), ``above`` set a
+    few mm below the level of interest makes the box hold every fine voxel above that level:
+    a fine voxel is at most ``BOX_STEP * sqrt(3) / 2`` voxels (1.7 mm) from a coarse one.
+    """
+    step = BOX_STEP
+    shape = tuple(-(-n // step) for n in REF_SHAPE)
+    affine = REF_AFFINE @ np.diag([step, step, step, 1.0])
+    coarse = nib.Nifti1Image(np.broadcast_to(np.float32(0), shape), affine)
+    # outside the native field of view counts as below the level, whatever ``above`` is
+    data = np.asanyarray(_apply(img, coarse, _as_list(transforms), "linear", invert,
+                                None, default=above - 1.0).dataobj)
+    hit = data > above
+    if not hit.any():
+        return None
+    box = []
+    for ax in range(3):
+        idx = np.flatnonzero(hit.any(axis=tuple(a for a in range(3) if a != ax)))
+        lo = max((int(idx[0]) - margin) * step, 0)
+        hi = min((int(idx[-1]) + margin) * step + 1, REF_SHAPE[ax])
+        box.append(slice(lo, hi))
+    return tuple(box)
+
+
+def to_reference_box(img: nib.Nifti1Image, transforms: str | Sequence[str],
+                     box: tuple[slice, slice, slice], *, interpolation: str = "linear",
+                     invert: Sequence[bool] | None = None) -> np.ndarray:
+    """:func:`to_reference` computed only inside ``box`` of the reference grid (0 elsewhere),
+    as a float32 array of ``REF_SHAPE``: the voxels inside hold the values the whole grid
+    would (the same physical points; only the grid's origin moves by whole voxels)."""
+    start = np.array([b.start for b in box], dtype=float)
+    affine = REF_AFFINE.copy()
+    affine[:3, 3] = REF_AFFINE[:3, :3] @ start + REF_AFFINE[:3, 3]
+    shape = tuple(b.stop - b.start for b in box)
+    sub = nib.Nifti1Image(np.broadcast_to(np.float32(0), shape), affine)
+    out = np.zeros(REF_SHAPE, dtype=np.float32)
+    out[box] = np.asanyarray(_apply(img, sub, _as_list(transforms), interpolation, invert,
+                                    None).dataobj, dtype=np.float32)
+    return out
+
+
 def to_native(ref_img: nib.Nifti1Image, native_img: nib.Nifti1Image,
               inverse_transforms: str | Sequence[str], *, interpolation: str = "linear",
               invert: Sequence[bool] | None = None,
@@ -625,8 +678,9 @@ def to_native(ref_img: nib.Nifti1Image, native_img: nib.Nifti1Image,
 
 def _apply(moving: nib.Nifti1Image, target: nib.Nifti1Image, tlist: list[str],
            interpolation: str, invert: Sequence[bool] | None,
-           threads: int | None) -> nib.Nifti1Image:
-    """``ants.apply_transforms`` of ``moving`` onto ``target``'s grid, back to nibabel."""
+           threads: int | None, default: float = 0.0) -> nib.Nifti1Image:
+    """``ants.apply_transforms`` of ``moving`` onto ``target``'s grid, back to nibabel
+    (``default``: the value of target voxels outside ``moving``'s field of view)."""
     interp = _interpolator(interpolation)
     if invert is not None and len(invert) != len(tlist):
         raise ValueError(f"invert has {len(invert)} flags for {len(tlist)} transforms")
@@ -638,5 +692,5 @@ def _apply(moving: nib.Nifti1Image, target: nib.Nifti1Image, tlist: list[str],
         out = _ants().apply_transforms(
             fixed=_empty_grid(target), moving=nib_to_ants(moving), transformlist=tlist,
             interpolator=interp, whichtoinvert=list(invert) if invert is not None else None,
-            singleprecision=True)
+            singleprecision=True, defaultvalue=float(default))
         return ants_to_nib(out, like=target)

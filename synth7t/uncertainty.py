@@ -48,7 +48,8 @@ def summarise(uncertainty: np.ndarray, mask: np.ndarray, *,
         ``UncertaintyThreshold`` and ``UncertaintyOutOfDistribution`` (share > :data:`OOD_SHARE`).
     """
     sel = np.asarray(mask, bool)
-    vals = np.asarray(uncertainty, np.float64)[sel]
+    # the brain's voxels first, then float64: not a float64 copy of the whole 0.5 mm grid
+    vals = np.asarray(uncertainty)[sel].astype(np.float64)
     if vals.size == 0:
         return {"UncertaintyMeanBrain": 0.0, "UncertaintyP95Brain": 0.0,
                 "UncertainShareBrain": 0.0, "UncertaintyThreshold": threshold,

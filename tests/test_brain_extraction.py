@@ -164,6 +164,42 @@ def test_shape_based_resampling_has_no_staircase():
     assert _top_surface_jumps(binary, centre_mm / 0.5, 48) >= 3  # the measure sees steps
 
 
+def test_reference_mask_on_the_brains_box_equals_the_whole_grid(tmp_path):
+    """MaskToReference resamples only the brain's box of the 0.5 mm grid: the same mask as
+    resampling the whole grid (up to rounding at the threshold), a box smaller than the grid,
+    and a native field of view that ends short of the grid does not widen the box to all of it
+    (outside the field of view is not "near the surface")."""
+    from synth7t.preprocess import reference_box, to_reference
+    from synth7t.reference import REF_SHAPE
+    from workflows.interfaces import _write_itk_affine
+
+    zooms = (1.2, 1.0, 2.0)
+    shape = (120, 150, 60)  # 144 x 150 x 120 mm: less than the 182 x 218 x 182 mm grid
+    aff = np.diag([*zooms, 1.0])
+    aff[:3, 3] = [-72.0, -90.0, -50.0]
+    ijk = np.indices(shape, dtype=np.float32)
+    xyz = [ijk[i] * zooms[i] + aff[i, 3] for i in range(3)]
+    brain = ((xyz[0] / 60) ** 2 + ((xyz[1] + 10) / 75) ** 2 + ((xyz[2] - 5) / 50) ** 2) <= 1
+    mask_img = nib.Nifti1Image(brain.astype(np.uint8), aff)
+    theta = np.deg2rad(8.0)
+    ras = np.eye(4)
+    ras[:2, :2] = [[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]
+    ras[:3, 3] = [2.0, -3.0, 4.0]
+    xfm = _write_itk_affine(ras, str(tmp_path / "xfm.txt"))
+
+    whole = BE.resample_mask(mask_img, lambda img: to_reference(img, [xfm]))
+    boxed = BE.mask_to_reference(mask_img, [xfm])
+    assert whole.sum() > 100_000
+    assert np.count_nonzero(whole != boxed) <= 1e-5 * whole.sum()
+    sdf = nib.Nifti1Image(BE.signed_distance(brain, zooms), aff)
+    box = reference_box(sdf, [xfm], above=BE.BOX_LEVEL_MM)
+    size = np.prod([b.stop - b.start for b in box])
+    assert size < 0.6 * np.prod(REF_SHAPE)
+    inside = np.zeros(REF_SHAPE, bool)
+    inside[box] = True
+    assert not (whole & ~inside).any()
+
+
 def test_signed_distance_zero_level_on_the_boundary():
     m = np.zeros((30, 30, 30), bool)
     m[10:20] = True

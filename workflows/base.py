@@ -279,7 +279,8 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
             (anat_wfs[c], rpt_wf, [("outputnode.preproc", "inputnode.preproc")]),
             (anat_wfs[c] if c == anchor else register_wf, rpt_wf,
              [("outputnode.mask" if c == anchor else f"outputnode.{lc}_mask", "inputnode.mask")]),
-            (synthesis_wf, rpt_wf, [(f"outputnode.{lc}_ref_preproc", "inputnode.ref_preproc"),
+            (synthesis_wf, rpt_wf, [(f"outputnode.{lc}_ref_resampled", "inputnode.ref_resampled"),
+                                    (f"outputnode.{lc}_ref_preproc", "inputnode.ref_preproc"),
                                     (f"outputnode.{lc}_ref_synth", "inputnode.synth"),
                                     ("outputnode.ref_mask", "inputnode.ref_mask")]),
         ])

@@ -391,13 +391,10 @@ class MaskToReference(MemoryReleasingInterface):
     output_spec = _MaskOutputSpec
 
     def _run_interface(self, runtime):
-        from synth7t.brain_extraction import resample_mask
-        from synth7t.preprocess import to_reference
+        from synth7t.brain_extraction import mask_to_reference
         from synth7t.reference import REF_AFFINE
 
-        tlist = list(self.inputs.transforms)
-        mask = resample_mask(_load(self.inputs.in_mask),
-                             lambda img: to_reference(img, tlist, interpolation="linear"))
+        mask = mask_to_reference(_load(self.inputs.in_mask), list(self.inputs.transforms))
         out_mask = _out(runtime, self.inputs.in_mask, "ref")
         save_image(mask, REF_AFFINE, out_mask, dtype="uint8", code=MNI_CODE)
         self._results["out_mask"] = out_mask
@@ -540,7 +537,7 @@ class Synthesize(MemoryReleasingInterface):
         img = _load(self.inputs.in_file)
         volume = np.asanyarray(img.dataobj, dtype=np.float32)
         mask = np.asanyarray(_load(self.inputs.mask_file).dataobj) > 0
-        unc = None
+        unc = synth = None
         if self.inputs.passthrough:
             out = normalise(volume, mask)
         else:
@@ -568,31 +565,42 @@ class Synthesize(MemoryReleasingInterface):
                                 tta=self.inputs.tta,
                                 return_uncertainty=self.inputs.uncertainty)
             out, unc = res if self.inputs.uncertainty else (res, None)
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.inputs.uncertainty and unc is None:
+            raise RuntimeError(f"model {self.inputs.model_name} for {self.inputs.contrast} "
+                               "has no uncertainty head; run with --no-uncertainty")
         out = np.asarray(out, dtype=np.float32)
         np.clip(np.nan_to_num(out, copy=False), 0.0, 1.0, out=out)  # in place: 230 MB at 0.5 mm
         out[~mask] = 0.0
         out_file = str(Path(runtime.cwd) / f"synth7T_{self.inputs.contrast}.nii.gz")
-        save_image(out, img.affine, out_file, dtype=self.inputs.storage_dtype, code=MNI_CODE)
+        # the node holds omp_nthreads cores and gzip releases the GIL: the image is compressed
+        # while the uncertainty map is (~2 s of a 0.5 mm volume)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            saved = pool.submit(save_image, out, img.affine, out_file,
+                                dtype=self.inputs.storage_dtype, code=MNI_CODE)
+            if self.inputs.uncertainty:
+                self._save_uncertainty(runtime, unc, mask, img.affine, synth)
+            saved.result()
         self._results["out_file"] = out_file
-        if self.inputs.uncertainty:
-            from synth7t.uncertainty import METHOD, METHOD_NO_TTA, NOVELTY, summarise
-
-            if unc is None:
-                raise RuntimeError(f"model {self.inputs.model_name} for {self.inputs.contrast} "
-                                   "has no uncertainty head; run with --no-uncertainty")
-            unc = np.asarray(unc, dtype=np.float32)
-            np.clip(np.nan_to_num(unc, copy=False), 0.0, 1.0, out=unc)
-            unc[~mask] = 0.0
-            unc_file = str(Path(runtime.cwd) / f"uncertainty_{self.inputs.contrast}.nii.gz")
-            save_image(unc, img.affine, unc_file, dtype=self.inputs.storage_dtype,
-                       code=MNI_CODE)
-            self._results["out_uncertainty"] = unc_file
-            summary = summarise(unc, mask)
-            summary["UncertaintyMethod"] = METHOD if self.inputs.tta else METHOD_NO_TTA
-            if getattr(getattr(synth, "config", None), "ood_clusters", 0):
-                summary["UncertaintyMethod"] += NOVELTY
-            self._results["uncertainty_summary"] = summary
         return runtime
+
+    def _save_uncertainty(self, runtime, unc, mask, affine, synth) -> None:
+        import numpy as np
+
+        from synth7t.uncertainty import METHOD, METHOD_NO_TTA, NOVELTY, summarise
+
+        unc = np.asarray(unc, dtype=np.float32)
+        np.clip(np.nan_to_num(unc, copy=False), 0.0, 1.0, out=unc)
+        unc[~mask] = 0.0
+        unc_file = str(Path(runtime.cwd) / f"uncertainty_{self.inputs.contrast}.nii.gz")
+        save_image(unc, affine, unc_file, dtype=self.inputs.storage_dtype, code=MNI_CODE)
+        self._results["out_uncertainty"] = unc_file
+        summary = summarise(unc, mask)
+        summary["UncertaintyMethod"] = METHOD if self.inputs.tta else METHOD_NO_TTA
+        if getattr(getattr(synth, "config", None), "ood_clusters", 0):
+            summary["UncertaintyMethod"] += NOVELTY
+        self._results["uncertainty_summary"] = summary
 
 
 def _crop_to_nonzero(img, margin: int = 2):

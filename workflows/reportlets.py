@@ -375,6 +375,11 @@ def init_reportlets_wf(*, output_dir, contrast: str, source_file: str,
     ------
     preproc, mask
         Native bias-corrected image and its brain mask.
+    ref_resampled
+        The bias-corrected image on the reference grid, unmasked: the registration reportlet
+        draws the template's brain outline over the whole head, as sMRIPrep's does, and can
+        start as soon as the image is resampled (in a T1w-only run, while the reference mask is
+        still being made, instead of waiting for synthesis to free both scheduler slots).
     ref_preproc, ref_mask
         The input on the reference grid, and that grid's brain mask.
     synth, uncertainty
@@ -396,7 +401,7 @@ def init_reportlets_wf(*, output_dir, contrast: str, source_file: str,
     lc = contrast.lower()
     template_mask = template_mask or template_brain_mask()
     wf = pe.Workflow(name=name or f"reportlets_{lc}_wf")
-    inputnode = pe.Node(niu.IdentityInterface(fields=["preproc", "mask", "ref_preproc",
+    inputnode = pe.Node(niu.IdentityInterface(fields=["preproc", "mask", "ref_resampled", "ref_preproc",
                                                       "ref_mask", "synth", "uncertainty"]),
                         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["brain_report", "reg_report"]),
@@ -417,7 +422,7 @@ def init_reportlets_wf(*, output_dir, contrast: str, source_file: str,
                        space=REF_SPACE, desc="reg")
         ds_reg.inputs.source_file = source_file
         wf.connect([
-            (inputnode, reg_rpt, [("ref_preproc", "in_file")]),
+            (inputnode, reg_rpt, [("ref_resampled", "in_file")]),
             (reg_rpt, ds_reg, [("out_report", "in_file")]),
             (ds_reg, outputnode, [("out_file", "reg_report")]),
         ])

@@ -149,6 +149,9 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
     -------
     ref_mask
         Brain mask on the reference grid.
+    <c>_ref_resampled
+        The bias-corrected image on the reference grid, unmasked (the registration reportlet
+        draws it: it exists before the reference mask does).
     <c>_ref_preproc
         Model input on the reference grid ([0, 1], 0 outside the mask).
     <c>_ref_synth
@@ -170,7 +173,7 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
         in_fields += [f"{lc}_preproc", f"{lc}_mask"]
         if c != anchor:
             in_fields += [f"{lc}2anchor", f"anchor2{lc}"]
-        out_fields += [f"{lc}_ref_preproc", f"{lc}_ref_synth", f"{lc}_native_synth",
+        out_fields += [f"{lc}_ref_resampled", f"{lc}_ref_preproc", f"{lc}_ref_synth", f"{lc}_native_synth",
                        f"{lc}_ref_unc", f"{lc}_native_unc", f"{lc}_unc_summary"]
     inputnode = pe.Node(niu.IdentityInterface(fields=in_fields), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=out_fields), name="outputnode")
@@ -209,6 +212,7 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
         wf.connect([
             (inputnode, resample, [(f"{lc}_preproc", "in_file")]),
             (resample, prep, [("out_file", "in_file")]),
+            (resample, outputnode, [("out_file", f"{lc}_ref_resampled")]),
             (ref_mask, prep, [("out_mask", "ref_mask")]),
             (prep, synth, [("out_file", "in_file")]),
             (ref_mask, synth, [("out_mask", "mask_file")]),
