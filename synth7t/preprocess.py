@@ -66,6 +66,9 @@ COLIN27_HEAD = DATA_DIR / "colin27" / "colin27_res-2_T1w.nii.gz"
 COLIN27_BRAIN_MASK = DATA_DIR / "colin27" / "colin27_res-1_desc-brain_mask.nii.gz"
 #: Registration resolution (mm).
 REG_ZOOM = 2.0
+#: Iterations of the rigid stage of :func:`register_to_reference` per level (shrink 6, 4, 2, 1 as
+#: antspyx's defaults): the two coarse levels only, as antspyx's ``AffineFast`` does.
+RIGID_INIT_ITERATIONS = (2100, 1200, 0, 0)
 #: Non-zero volume (mL) below which an image with a zero background counts as brain-only.
 #: Adult brains incl. CSF are ~1.1-1.9 L; whole heads are 3-5 L.
 SKULL_STRIPPED_MAX_ML = 2300.0
@@ -559,9 +562,13 @@ def register_to_reference(brain_img: nib.Nifti1Image, mask_img: nib.Nifti1Image 
         init = None
         for i, kind in enumerate(stages):
             last = i == len(stages) - 1
+            # the rigid stage only starts the affine one, which runs the whole pyramid again:
+            # its two coarse levels suffice (sub-01: 12.9 -> 6.8 s for the pair of stages, the
+            # final transform within 0.48 mm, mean 0.32 mm, of the full rigid's over the brain)
+            extra = {"aff_iterations": RIGID_INIT_ITERATIONS} if kind == "Rigid" else {}
             reg = _registration(fixed, moving, kind, outprefix=prefix if last else f"{tmp}/s{i}_",
                                 seed=seed, initial_transform=init,
-                                write_composite_transform=i > 0)
+                                write_composite_transform=i > 0, **extra)
             init = reg["fwdtransforms"]
     fwd, inv = reg["fwdtransforms"], reg["invtransforms"]
     for path in (fwd, inv):
