@@ -8,6 +8,7 @@ participant's run left).
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -237,11 +238,18 @@ def run_graph(items, models, opts, plugin, provenance, log_dir: Path, t_start: f
         plugin_args["status_callback"] = progress
     run_error = None
     run_exc = None
+    # MultiProc runs a full gc.collect() on every poll (every 50 ms) while a slot is free; over
+    # the heap the CLI, pybids and the graph leave behind, that kept this process at ~80 % of a
+    # core beside the nodes (sub-01: N4 27 s instead of 18 s). Frozen objects are never
+    # scanned; what the run itself allocates is still collected.
+    gc.freeze()
     try:
         wf.run(plugin=plugin["plugin"], plugin_args=plugin_args)
     except Exception as exc:  # noqa: BLE001 - Nipype raises RuntimeError after node crashes
         run_exc = exc
         LOGGER.debug("wf.run raised %r", exc)
+    finally:
+        gc.unfreeze()
     crashed: dict[str, list[str]] = {}
     if plugin["plugin"] == "SLURMGraph":
         # SLURMGraph only submits: wait for the jobs, then collect crash files and jobs that
