@@ -55,8 +55,11 @@ STAGES = [  # (stage, predicate on the node path inside the participant workflow
 # --------------------------------------------------------------------------- memory sampling
 def _children(pid: int) -> list[int]:
     kids = []
-    task = Path(f"/proc/{pid}/task")
-    for t in task.glob("*") if task.exists() else []:
+    try:  # the process may end between any two of these reads
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return kids
+    for t in threads:
         try:
             kids += [int(c) for c in (t / "children").read_text().split()]
         except OSError:
