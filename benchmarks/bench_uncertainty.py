@@ -49,7 +49,7 @@ def lesion_ratio(synth, src: np.ndarray, mask: np.ndarray, wm: np.ndarray, contr
     """(lesion mean uncertainty, normal-WM mean uncertainty, ratio) for one slab."""
     from scipy import ndimage as ndi
 
-    from synth7t.uncertainty import insert_lesion
+    from synth7t.uncertainty import add_saturation, insert_lesion
 
     core = ndi.binary_erosion(wm & mask, structure=INPLANE, iterations=6)
     if not core.any():
@@ -59,10 +59,12 @@ def lesion_ratio(synth, src: np.ndarray, mask: np.ndarray, wm: np.ndarray, contr
     dist = ndi.distance_transform_edt(core[:, :, z])
     cx, cy = np.unravel_index(int(np.argmax(dist)), dist.shape)
     radius = 12.0  # voxels of 0.5 mm: 6 mm
-    lesioned, lesion = insert_lesion(src, wm & mask, centre=(int(cx), int(cy), z), radius=radius,
-                                     contrast=contrast, brain_voxels=brain_voxels)
+    lesioned, lesion, excess = insert_lesion(src, wm & mask, centre=(int(cx), int(cy), z),
+                                             radius=radius, contrast=contrast,
+                                             brain_voxels=brain_voxels, excess=True)
     _, unc = synth.predict(lesioned, mask, tta=tta, threads=threads, return_uncertainty=True,
                            input_level=input_level)
+    add_saturation(unc, excess, mask)  # as the App's synthesis node does
     far = ndi.binary_dilation(lesion, structure=INPLANE, iterations=16)
     normal = core & ~far
     les, nor = float(unc[lesion].mean()), float(unc[normal].mean())
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from synth7t.reference import REF_SHAPE
     from synth7t.inference import load_synthesizer
     from synth7t.registry import Registry
-    from synth7t.uncertainty import decile_calibration, is_monotonic, spearman
+    from synth7t.uncertainty import add_saturation, decile_calibration, is_monotonic, spearman
 
     tta = DEFAULT_TTA if args.tta is None else args.tta
     torch.set_num_threads(args.threads)
@@ -125,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 pred, unc = synth.predict(src, mask, tta=tta, threads=args.threads,
                                           return_uncertainty=True,
                                           input_level=_level(multi, c))
+                add_saturation(unc, multi[c].get("source_excess"), mask)
                 us.append(unc[mask])
                 es.append(np.abs(pred - tgt)[mask])
                 fsrc, _, fmask = _split(flat, c)

@@ -15,7 +15,7 @@ UPPER_PERCENTILE = 99.8
 
 
 def normalise(data: np.ndarray, mask: np.ndarray | None = None, *,
-              upper_percentile: float = UPPER_PERCENTILE) -> np.ndarray:
+              upper_percentile: float = UPPER_PERCENTILE, excess: bool = False):
     """Scale ``data`` to [0, 1] as float32, with 0 outside ``mask``.
 
     Parameters
@@ -26,6 +26,15 @@ def normalise(data: np.ndarray, mask: np.ndarray | None = None, *,
         Boolean brain mask; defaults to ``data > 0``.
     upper_percentile
         Percentile of the in-mask intensities that maps to 1.0.
+    excess
+        Also return what the clip at 1 removed (``max(scaled - 1, 0)``, float32, 0 outside the
+        mask): intensity no network fed by this function ever sees (e.g. a FLAIR lesion at twice
+        the white matter), which :func:`synth7t.uncertainty.add_saturation` adds to the map.
+
+    Returns
+    -------
+    numpy.ndarray or (numpy.ndarray, numpy.ndarray)
+        The scaled image (and the excess, with ``excess=True``).
     """
     arr = np.asarray(data, dtype=np.float32)
     if mask is None:
@@ -33,7 +42,7 @@ def normalise(data: np.ndarray, mask: np.ndarray | None = None, *,
     mask = np.asarray(mask, dtype=bool)
     out = np.zeros(arr.shape, dtype=np.float32)
     if not mask.any():
-        return out
+        return (out, out.copy()) if excess else out
     # Only the brain's voxels are cleaned and scaled (one copy of them, edited in place): on a
     # 0.5 mm volume ~2x faster than cleaning the whole array first, and the same numbers.
     vals = np.nan_to_num(arr[mask], copy=False, nan=0.0, posinf=0.0, neginf=0.0)
@@ -42,8 +51,12 @@ def normalise(data: np.ndarray, mask: np.ndarray | None = None, *,
     if hi <= 0:
         hi = float(vals.max()) or 1.0
     vals /= np.float32(hi)
+    over = None
+    if excess:
+        over = np.zeros(arr.shape, dtype=np.float32)
+        over[mask] = np.maximum(vals - np.float32(1.0), np.float32(0.0))
     out[mask] = np.clip(vals, 0.0, 1.0, out=vals)
-    return out
+    return (out, over) if excess else out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -426,7 +426,12 @@ def run(manifest: Manifest, *, model_dir: str | Path | None = None, model_name: 
                                            batch_size=batch_size, tta=tta, threads=threads,
                                            **extra)
                 if want_unc:
+                    from .uncertainty import add_saturation
+
                     pred, unc = pred
+                    # the challenge data are [0, 1] already; anything above was clipped off
+                    add_saturation(unc, np.maximum(np.asarray(data, np.float32) - 1.0, 0.0),
+                                   vol > 0)
                     unc_img = output_image(unc, img, data)
                     write(unc_img, work / f"{n:04d}-unc.nii.gz",
                           uncertainty_dir / Path(s.output))

@@ -9,6 +9,7 @@ Usage (the API the training code calls)::
     pair["mask"]                                       # bool brain mask (shared)
     pair["params"]                                     # JSON-able dict of every random draw
     pair["source_level"]                               # the whole source brain's [0, 1] mean
+    pair["source_excess"]                              # what the clip at 1 removed (or None)
     multi = sim.sample_all_contrasts(field=3.0, seed=7, roi=(slice(None), slice(None),
                                                             slice(170, 190)))
     multi["FLAIR"]["source"], multi["T1w"]["target"]   # one sample()-style dict per contrast
@@ -458,19 +459,24 @@ class Simulator:
                 tuple(slice(a - e, b - e) for a, b, e in zip(lo, hi, clo))]
             scale = None
             if roi is None or roi_normalisation == "roi":
-                norm = normalise(img, mask)
+                norm, over = normalise(img, mask, excess=True)
                 level = brain_level(norm[mask]) if role == "source" else None
             else:
                 scale, level = self._volume_stats(ch, noise)
                 norm = np.where(mask, np.clip(img / scale, 0.0, 1.0), 0.0)
+                over = np.where(mask, np.maximum(img / scale - 1.0, 0.0), 0.0)
             if not skull_strip:
                 norm = np.clip(img / (scale or _percentile(img, mask)), 0.0, 1.0)
+                over = None
             out[c][role] = np.ascontiguousarray(norm, dtype=np.float32)
             out[c]["params"][role] = ch.params()
             if role == "source":
                 # the mean of the whole normalised brain (synth7t.intensity.brain_level): what
                 # a model with input scaling measures on the App's input
                 out[c]["source_level"] = level
+                # what the clip at 1 removed (synth7t.uncertainty.add_saturation)
+                out[c]["source_excess"] = (None if over is None else
+                                           np.ascontiguousarray(over, dtype=np.float32))
         out["mask"] = mask
         out["params"] = shared
         return out

@@ -11,6 +11,9 @@ predict` with ``return_uncertainty=True``) by networks trained with an uncertain
   half of their absolute disagreement is added (a cheap epistemic part: a network sure of its
   answer gives the same answer for the mirrored anatomy).
 
+* where the input was clipped at 1 by its normalisation, the clipped-off amount is added
+  (:func:`add_saturation`): intensity the network never saw.
+
 Units: intensity units of the synthetic image, which is normalised to [0, 1] (so 0.05 = 5 % of
 the image's intensity range). The map is finite, >= 0 and exactly 0 outside the brain mask.
 
@@ -34,6 +37,29 @@ METHOD_NO_TTA = ("Laplace scale b from the network's uncertainty head (trained w
                  "negative log-likelihood on simulated pairs)")
 NOVELTY = ("; scaled up where the network's features are unlike normal anatomy (squared "
            "Mahalanobis distance to fitted clusters above their 99 % quantile; synth7t.ood)")
+SATURATION = ("; plus the input's intensity above its normalisation's upper percentile, which "
+              "the clip at 1 hides from the network (synth7t.uncertainty.add_saturation)")
+
+
+def add_saturation(uncertainty: np.ndarray, excess: np.ndarray | None,
+                   mask: np.ndarray | None = None) -> np.ndarray:
+    """Add to the map what the input lost to the clip at 1 (in place; returns the map).
+
+    Every model input is scaled so that the brain's 99.8th percentile is 1 and clipped there
+    (:func:`synth7t.intensity.normalise`, in training as in the App), so a voxel brighter than
+    that, e.g. a FLAIR lesion at twice the white matter, reaches the network as a plateau at 1
+    that it treats as predictable. Its true intensity is information the network never had:
+    ``excess`` (``normalise(..., excess=True)``, the clipped-off amount in the same [0, 1]
+    units) is added one for one to the expected absolute error. By construction it touches
+    at most the 0.2 % brightest voxels of a normal brain, and by little.
+    """
+    if excess is None:
+        return uncertainty
+    add = np.asarray(excess, dtype=np.float32)
+    if mask is not None:
+        add = np.where(np.asarray(mask, bool), add, np.float32(0.0))
+    uncertainty += add
+    return uncertainty
 
 
 def summarise(uncertainty: np.ndarray, mask: np.ndarray, *,
@@ -104,7 +130,7 @@ FACTORS = {"T1w": 0.4, "T2w": 2.5, "FLAIR": 2.0}
 
 def insert_lesion(source: np.ndarray, region: np.ndarray, *, centre: tuple[int, int, int],
                   radius: float, contrast: str, edge: float = 1.5,
-                  brain_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  brain_voxels: int | None = None, excess: bool = False) -> tuple:
     """Insert a synthetic lesion (a soft-edged ball) into a source image, for validation.
 
     The lesion mimics a chronic white-matter lesion (:data:`FACTORS` x the white matter): a T1
@@ -128,9 +154,12 @@ def insert_lesion(source: np.ndarray, region: np.ndarray, *, centre: tuple[int, 
         enters the percentile with its share of the whole brain (the rest of the brain taken to
         look like the slab's normal tissue). Default: ``source`` is the whole brain.
 
+    excess
+        Also return what the clip at 1 removed (as ``normalise(..., excess=True)``).
+
     Returns
     -------
-    (image, lesion_mask)
+    (image, lesion_mask) or (image, lesion_mask, excess)
     """
     from synth7t.intensity import UPPER_PERCENTILE, normalise
 
@@ -144,10 +173,14 @@ def insert_lesion(source: np.ndarray, region: np.ndarray, *, centre: tuple[int, 
     scaled = (src * (1.0 + weight * (factor * texture - 1.0))).astype(np.float32)
     brain = src > 0
     if brain_voxels is None or not brain.any():
-        return normalise(scaled, brain), weight > 0.5
+        out, over = normalise(scaled, brain, excess=True)
+        return (out, weight > 0.5, over) if excess else (out, weight > 0.5)
     # the rest of the whole brain, as many copies of the slab's un-lesioned tissue
     copies = max(int(round(brain_voxels / brain.sum())) - 1, 0)
     hi = float(np.percentile(np.concatenate([scaled[brain]] + [src[brain]] * copies),
                              UPPER_PERCENTILE)) or 1.0
     out = np.where(brain, np.clip(scaled / hi, 0.0, 1.0), 0.0).astype(np.float32)
+    if excess:
+        over = np.where(brain, np.maximum(scaled / hi - 1.0, 0.0), 0.0).astype(np.float32)
+        return out, weight > 0.5, over
     return out, weight > 0.5

@@ -155,6 +155,71 @@ def test_lesion_share_of_the_whole_brain_sets_the_percentile():
     assert whole[normal].mean() == pytest.approx(img[normal].mean(), rel=0.03)
     assert np.median(whole[lesion]) == 1.0 and whole.max() <= 1.0
 
+def test_normalise_keeps_what_the_clip_removed():
+    from synth7t.intensity import normalise
+
+    rng = np.random.default_rng(5)
+    img = rng.uniform(10, 100, (30, 30, 6)).astype(np.float32)
+    img[10:12, 10:12, 2] = 400.0  # 4 voxels (0.1 %), above the 99.8th percentile: clipped
+    mask = np.zeros(img.shape, bool)
+    mask[2:28, 2:28, :] = True
+    out, excess = normalise(img, mask, excess=True)
+    assert np.array_equal(out, normalise(img, mask))
+    hi = np.percentile(img[mask], 99.8)
+    np.testing.assert_allclose((out + excess)[mask], img[mask] / hi, rtol=1e-5)
+    assert excess[10:12, 10:12, 2].min() > 2.0 and (excess[~mask] == 0).all()
+    assert np.count_nonzero(excess[mask]) <= 0.003 * mask.sum() + 64
+
+
+def test_saturation_adds_the_excess_inside_the_mask_only():
+    unc = np.full((4, 4, 2), 0.01, np.float32)
+    excess = np.zeros_like(unc)
+    excess[1, 1, 0] = 0.3
+    excess[3, 3, 1] = 0.5  # outside the mask below
+    mask = np.ones(unc.shape, bool)
+    mask[3, 3, 1] = False
+    out = U.add_saturation(unc, excess, mask)
+    assert out is unc and out[1, 1, 0] == pytest.approx(0.31) and out[3, 3, 1] == 0.01
+    assert U.add_saturation(unc, None) is unc
+
+
+def test_synthesis_node_adds_the_inputs_clip_excess(tmp_path):
+    """PrepareSynthesisInput keeps what its clip removed; Synthesize adds it to the map."""
+    import nibabel as nib
+
+    from workflows.interfaces import PrepareSynthesisInput, Synthesize, load_excess
+
+    rng = np.random.default_rng(0)
+    data = np.zeros((40, 44, 24), np.float32)
+    data[8:32, 8:36, 4:20] = rng.uniform(50, 100, (24, 28, 16))
+    data[18:20, 20:22, 10:12] = 300.0  # a small bright "lesion" (0.07 %) above the percentile
+    mask = (data > 0).astype(np.uint8)
+    aff = np.diag([0.5, 0.5, 0.5, 1.0])
+    nib.save(nib.Nifti1Image(data, aff), tmp_path / "in.nii.gz")
+    nib.save(nib.Nifti1Image(mask, aff), tmp_path / "mask.nii.gz")
+    prep = PrepareSynthesisInput(in_file=str(tmp_path / "in.nii.gz"),
+                                 ref_mask=str(tmp_path / "mask.nii.gz"),
+                                 storage_dtype="float32").run(cwd=str(tmp_path))
+    excess = load_excess(prep.outputs.excess_file)
+    assert excess[18:20, 20:22, 10:12].min() > 1.5 and excess.shape == data.shape
+    maps = {}
+    for with_excess in (False, True):
+        node = Synthesize(in_file=prep.outputs.out_file, mask_file=str(tmp_path / "mask.nii.gz"),
+                          contrast="FLAIR", field_bin=1.5, uncertainty=True,
+                          storage_dtype="float32", omp_nthreads=1)
+        if with_excess:
+            node.inputs.excess_file = prep.outputs.excess_file
+        (tmp_path / f"synth{with_excess}").mkdir()
+        res = node.run(cwd=str(tmp_path / f"synth{with_excess}"))
+        maps[with_excess] = nib.load(res.outputs.out_uncertainty).get_fdata()
+        method = res.outputs.uncertainty_summary["UncertaintyMethod"]
+        assert (U.SATURATION in method) is with_excess
+    diff = maps[True] - maps[False]
+    np.testing.assert_allclose(diff, np.minimum(maps[False] + excess, 1.0) - maps[False],
+                               atol=1e-5)
+    assert maps[True][18:20, 20:22, 10:12].min() > 1.0 - 1e-6  # capped at 1
+
+
 # --------------------------------------------------------------------------- graph
 def _images(contrasts, field=3.0):
     return {c: SimpleNamespace(path=Path(f"/data/bids/sub-01/anat/sub-01_{c}.nii.gz"),
@@ -205,9 +270,11 @@ def _shipped(contrast, field):
     return syn
 
 
-@pytest.mark.parametrize("contrast", ["T1w", "T2w"])
+@pytest.mark.parametrize("contrast", ["T1w", "T2w", "FLAIR"])
 def test_unseen_lesion_is_flagged(contrast):
-    """A lesion no training brain contained: mean uncertainty >= 2x normal white matter."""
+    """A lesion no training brain contained: mean uncertainty >= 2x normal white matter (the
+    FLAIR lesion, at twice the white matter, through what the input's clip at 1 removed, as in
+    the App's synthesis node)."""
     from scipy import ndimage as ndi
 
     from synth7t.simulate import Simulator
@@ -220,10 +287,12 @@ def test_unseen_lesion_is_flagged(contrast):
     core = ndi.binary_erosion(wm & mask, structure=INPLANE, iterations=6)
     dist = ndi.distance_transform_edt(core[:, :, 8])
     cx, cy = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    lesioned, lesion = U.insert_lesion(src, wm & mask, centre=(int(cx), int(cy), 8), radius=12,
-                                       contrast=contrast)
+    lesioned, lesion, excess = U.insert_lesion(src, wm & mask, centre=(int(cx), int(cy), 8),
+                                               radius=12, contrast=contrast, excess=True,
+                                               brain_voxels=int(sim.brain_mask().sum()))
     syn = _shipped(contrast, 1.5)
     _, unc = syn.predict(lesioned, mask, return_uncertainty=True, threads=1)
+    U.add_saturation(unc, excess, mask)
     normal = core & ~ndi.binary_dilation(lesion, structure=INPLANE, iterations=16)
     ratio = unc[lesion].mean() / unc[normal].mean()
     assert ratio >= 2.0, ratio

@@ -472,10 +472,34 @@ class _PrepareInputSpec(BaseInterfaceInputSpec):
 
 class _PrepareOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="reference-grid brain, [0, 1], 0 outside the mask")
+    excess_file = File(exists=True, desc="what the clip at 1 removed, as flat indices and "
+                                         "values (.npz; synth7t.uncertainty.add_saturation)")
+
+
+def save_excess(excess, path: str) -> str:
+    """The non-zero voxels of a clip excess (at most 0.2 % of the brain) as an ``.npz``."""
+    import numpy as np
+
+    flat = np.flatnonzero(excess)
+    with open(path, "wb") as fh:
+        np.savez(fh, shape=np.asarray(excess.shape), index=flat,
+                 value=np.asarray(excess).ravel()[flat].astype(np.float32))
+    return path
+
+
+def load_excess(path: str):
+    """Inverse of :func:`save_excess` (no pickle)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        out = np.zeros(tuple(int(n) for n in z["shape"]), dtype=np.float32)
+        out.ravel()[z["index"]] = z["value"]
+    return out
 
 
 class PrepareSynthesisInput(MemoryReleasingInterface):
-    """Skull-strip a reference-grid image with the reference mask and normalise it to [0, 1]."""
+    """Skull-strip a reference-grid image with the reference mask and normalise it to [0, 1]
+    (and keep what the clip at 1 removed, for the uncertainty map)."""
 
     input_spec = _PrepareInputSpec
     output_spec = _PrepareOutputSpec
@@ -487,10 +511,12 @@ class PrepareSynthesisInput(MemoryReleasingInterface):
 
         img = _load(self.inputs.in_file)
         mask = np.asanyarray(_load(self.inputs.ref_mask).dataobj) > 0
-        data = normalise(np.asanyarray(img.dataobj, dtype=np.float32), mask)
+        data, excess = normalise(np.asanyarray(img.dataobj, dtype=np.float32), mask,
+                                 excess=True)
         out_file = _out(runtime, self.inputs.in_file, "preproc")
         save_image(data, img.affine, out_file, dtype=self.inputs.storage_dtype, code=MNI_CODE)
         self._results["out_file"] = out_file
+        self._results["excess_file"] = save_excess(excess, str(Path(runtime.cwd) / "excess.npz"))
         return runtime
 
 
@@ -514,6 +540,8 @@ class _SynthesizeInputSpec(_ThreadsInputSpec):
                               desc="also write the per-voxel uncertainty map (models with an "
                                    "uncertainty head)")
     tta = traits.Bool(False, usedefault=True, desc="average with the left-right flipped pass")
+    excess_file = File(exists=True, desc="the input's clip excess (PrepareSynthesisInput), added "
+                                         "to the uncertainty map")
 
 
 class _SynthesizeOutputSpec(TraitedSpec):
@@ -590,8 +618,13 @@ class Synthesize(MemoryReleasingInterface):
 
         from synth7t.uncertainty import METHOD, METHOD_NO_TTA, NOVELTY, summarise
 
+        from synth7t.uncertainty import SATURATION, add_saturation
+
         unc = np.asarray(unc, dtype=np.float32)
-        np.clip(np.nan_to_num(unc, copy=False), 0.0, 1.0, out=unc)
+        excess = (load_excess(self.inputs.excess_file) if isdefined(self.inputs.excess_file)
+                  else None)
+        add_saturation(np.nan_to_num(unc, copy=False), excess)
+        np.clip(unc, 0.0, 1.0, out=unc)
         unc[~mask] = 0.0
         unc_file = str(Path(runtime.cwd) / f"uncertainty_{self.inputs.contrast}.nii.gz")
         save_image(unc, affine, unc_file, dtype=self.inputs.storage_dtype, code=MNI_CODE)
@@ -600,6 +633,8 @@ class Synthesize(MemoryReleasingInterface):
         summary["UncertaintyMethod"] = METHOD if self.inputs.tta else METHOD_NO_TTA
         if getattr(getattr(synth, "config", None), "ood_clusters", 0):
             summary["UncertaintyMethod"] += NOVELTY
+        if excess is not None:
+            summary["UncertaintyMethod"] += SATURATION
         self._results["uncertainty_summary"] = summary
 
 

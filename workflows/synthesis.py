@@ -214,7 +214,7 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
             (resample, prep, [("out_file", "in_file")]),
             (resample, outputnode, [("out_file", f"{lc}_ref_resampled")]),
             (ref_mask, prep, [("out_mask", "ref_mask")]),
-            (prep, synth, [("out_file", "in_file")]),
+            (prep, synth, [("out_file", "in_file"), ("excess_file", "excess_file")]),
             (ref_mask, synth, [("out_mask", "mask_file")]),
             (synth, native, [("out_file", "in_file")]),
             (inputnode, native, [(f"{lc}_preproc", "reference_file"), (f"{lc}_mask", "mask_file")]),
