@@ -45,25 +45,28 @@ def _json_safe(obj) -> dict:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _unet_config(entry):
-    """The U-Net config of a registry entry (from its safetensors metadata), else ``None``."""
+def _unet_config(entry) -> dict | None:
+    """The U-Net config of a registry entry (the JSON of its safetensors metadata, the fields of
+    :class:`synth7t.networks.UNetConfig`), else ``None``.
+
+    Read as plain JSON: importing :mod:`synth7t.networks` would import torch (~1.4 s of the
+    App's start-up) only to build a graph whose nodes import it themselves.
+    """
     if getattr(entry, "kind", None) != "unet":
         return None
     try:
-        from synth7t.networks import UNetConfig
         from synth7t.registry import read_verified, safetensors_metadata
 
-        return UNetConfig.from_json(safetensors_metadata(read_verified(entry))["config"])
+        return dict(json.loads(safetensors_metadata(read_verified(entry))["config"]))
     except Exception:  # noqa: BLE001 - integrity problems are reported by the caller
         return None
 
 
-def _model_others(entry) -> tuple[str, ...]:
-    """Contrasts a multi-contrast U-Net takes besides its own."""
+def _model_others(cfg: dict | None) -> tuple[str, ...]:
+    """Contrasts a multi-contrast U-Net (config ``cfg``) takes besides its own."""
     from synth7t.registry import canonical_contrast
 
-    cfg = _unet_config(entry)
-    return tuple(canonical_contrast(c) for c in cfg.others) if cfg is not None else ()
+    return tuple(canonical_contrast(c) for c in (cfg or {}).get("others", []))
 
 
 def select_model(registry, contrast: str, routing, *, model_name: str = "default") -> ModelChoice:
@@ -92,11 +95,12 @@ def select_model(registry, contrast: str, routing, *, model_name: str = "default
             LOGGER.warning("no '%s' model for %s at %s; using '%s'", model_name, contrast,
                            bin_label(routing.bin), name)
         prov = entry.provenance() if hasattr(entry, "provenance") else {"Name": name}
+        cfg = _unet_config(entry)
         return ModelChoice(name=getattr(entry, "name", name) or name,
                            sha256=str(getattr(entry, "sha256", "") or ""),
                            provenance=_json_safe(prov), fallback=bool(i),
-                           others=_model_others(entry),
-                           uncertainty=bool(getattr(_unet_config(entry), "uncertainty", False)))
+                           others=_model_others(cfg),
+                           uncertainty=bool((cfg or {}).get("uncertainty", False)))
     raise ModelNotFoundError(
         f"no synthesis model for {contrast} at {bin_label(routing.bin)} "
         f"({'; '.join(errors)}); add one with --model-dir"
