@@ -644,7 +644,8 @@ def to_reference_box(img: nib.Nifti1Image, transforms: str | Sequence[str],
                      invert: Sequence[bool] | None = None) -> np.ndarray:
     """:func:`to_reference` computed only inside ``box`` of the reference grid (0 elsewhere),
     as a float32 array of ``REF_SHAPE``: the voxels inside hold the values the whole grid
-    would (the same physical points; only the grid's origin moves by whole voxels)."""
+    would, to float rounding (the same physical points; only the grid's origin moves by whole
+    voxels)."""
     start = np.array([b.start for b in box], dtype=float)
     affine = REF_AFFINE.copy()
     affine[:3, 3] = REF_AFFINE[:3, :3] @ start + REF_AFFINE[:3, 3]

@@ -457,20 +457,24 @@ class Simulator:
                 img = img * self._smooth_field(ch.bias, clo, chi)
             img = self._degrade(img, ch, clo, chi, noise)[
                 tuple(slice(a - e, b - e) for a, b, e in zip(lo, hi, clo))]
-            scale = None
+            scale = over = None
+            source = role == "source"
             if roi is None or roi_normalisation == "roi":
-                norm, over = normalise(img, mask, excess=True)
-                level = brain_level(norm[mask]) if role == "source" else None
+                norm = normalise(img, mask, excess=source)
+                if source:
+                    norm, over = norm
+                level = brain_level(norm[mask]) if source else None
             else:
                 scale, level = self._volume_stats(ch, noise)
                 norm = np.where(mask, np.clip(img / scale, 0.0, 1.0), 0.0)
-                over = np.where(mask, np.maximum(img / scale - 1.0, 0.0), 0.0)
+                if source:
+                    over = np.where(mask, np.maximum(img / scale - 1.0, 0.0), 0.0)
             if not skull_strip:
                 norm = np.clip(img / (scale or _percentile(img, mask)), 0.0, 1.0)
                 over = None
             out[c][role] = np.ascontiguousarray(norm, dtype=np.float32)
             out[c]["params"][role] = ch.params()
-            if role == "source":
+            if source:
                 # the mean of the whole normalised brain (synth7t.intensity.brain_level): what
                 # a model with input scaling measures on the App's input
                 out[c]["source_level"] = level

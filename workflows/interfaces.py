@@ -558,6 +558,8 @@ class Synthesize(MemoryReleasingInterface):
     output_spec = _SynthesizeOutputSpec
 
     def _run_interface(self, runtime):
+        from concurrent.futures import ThreadPoolExecutor
+
         import numpy as np
 
         from synth7t.intensity import normalise
@@ -593,8 +595,6 @@ class Synthesize(MemoryReleasingInterface):
                                 tta=self.inputs.tta,
                                 return_uncertainty=self.inputs.uncertainty)
             out, unc = res if self.inputs.uncertainty else (res, None)
-        from concurrent.futures import ThreadPoolExecutor
-
         if self.inputs.uncertainty and unc is None:
             raise RuntimeError(f"model {self.inputs.model_name} for {self.inputs.contrast} "
                                "has no uncertainty head; run with --no-uncertainty")
@@ -616,9 +616,8 @@ class Synthesize(MemoryReleasingInterface):
     def _save_uncertainty(self, runtime, unc, mask, affine, synth) -> None:
         import numpy as np
 
-        from synth7t.uncertainty import METHOD, METHOD_NO_TTA, NOVELTY, summarise
-
-        from synth7t.uncertainty import SATURATION, add_saturation
+        from synth7t.uncertainty import (METHOD, METHOD_NO_TTA, NOVELTY, SATURATION,
+                                         add_saturation, summarise)
 
         unc = np.asarray(unc, dtype=np.float32)
         excess = (load_excess(self.inputs.excess_file) if isdefined(self.inputs.excess_file)

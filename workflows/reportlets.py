@@ -401,8 +401,9 @@ def init_reportlets_wf(*, output_dir, contrast: str, source_file: str,
     lc = contrast.lower()
     template_mask = template_mask or template_brain_mask()
     wf = pe.Workflow(name=name or f"reportlets_{lc}_wf")
-    inputnode = pe.Node(niu.IdentityInterface(fields=["preproc", "mask", "ref_resampled", "ref_preproc",
-                                                      "ref_mask", "synth", "uncertainty"]),
+    inputnode = pe.Node(niu.IdentityInterface(fields=["preproc", "mask", "ref_resampled",
+                                                      "ref_preproc", "ref_mask", "synth",
+                                                      "uncertainty"]),
                         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["brain_report", "reg_report"]),
                          name="outputnode")

@@ -177,8 +177,9 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
         in_fields += [f"{lc}_preproc", f"{lc}_mask"]
         if c != anchor:
             in_fields += [f"{lc}2anchor", f"anchor2{lc}"]
-        out_fields += [f"{lc}_ref_resampled", f"{lc}_ref_preproc", f"{lc}_ref_synth", f"{lc}_native_synth",
-                       f"{lc}_ref_unc", f"{lc}_native_unc", f"{lc}_unc_summary"]
+        out_fields += [f"{lc}_ref_resampled", f"{lc}_ref_preproc", f"{lc}_ref_synth",
+                       f"{lc}_native_synth", f"{lc}_ref_unc", f"{lc}_native_unc",
+                       f"{lc}_unc_summary"]
     inputnode = pe.Node(niu.IdentityInterface(fields=in_fields), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=out_fields), name="outputnode")
 
