@@ -238,6 +238,12 @@ def run_graph(items, models, opts, plugin, provenance, log_dir: Path, t_start: f
         plugin_args["status_callback"] = progress
     run_error = None
     run_exc = None
+    if plugin["plugin"] in ("MultiProc", "LegacyMultiProc") and any(
+            m.provenance.get("Kind") == "unet" for per in models.values() for m in per.values()):
+        # MultiProc forks its workers from this process: a network's nodes then find torch
+        # imported instead of each importing it (~1.4 s a worker, in a node that holds every
+        # slot); graph building itself no longer needs it
+        import torch  # noqa: F401
     # MultiProc runs a full gc.collect() on every poll (every 50 ms) while a slot is free; over
     # the heap the CLI, pybids and the graph leave behind, that kept this process at ~80 % of a
     # core beside the nodes (sub-01: N4 27 s instead of 18 s). Frozen objects are never

@@ -506,3 +506,22 @@ def test_n4_output_is_copied_by_the_sink(tmp_path):
                                compress=True, in_file=res.outputs.out_file,
                                source_file=str(src)).run()
     assert sink.outputs.fixed_hdr == [False]
+
+
+def test_brain_extraction_of_stripped_input_reserves_one_slot(tmp_path):
+    """An anchor that looks brain-extracted at build time gets a one-slot brain-extraction node
+    (it will only detect); a whole head keeps the engine's omp_nthreads slots; unreadable
+    input is left to the run."""
+    stripped, head = tmp_path / "stripped.nii.gz", tmp_path / "head.nii.gz"
+    tiny_image(shape=(40, 48, 40), zooms=(1.0, 1.0, 1.0), stripped=True).to_filename(stripped)
+    tiny_image(shape=(40, 48, 40), zooms=(1.0, 1.0, 1.0)).to_filename(head)
+    from synth7t.preprocess import detect_skull_stripped
+
+    assert detect_skull_stripped(nib.load(stripped)) and not detect_skull_stripped(nib.load(head))
+    assert anatomical.looks_stripped(stripped) and not anatomical.looks_stripped(head)
+    assert not anatomical.looks_stripped(tmp_path / "missing.nii.gz")
+    for expect, mode, slots in ((True, "auto", 1), (False, "auto", 2), (True, "force", 2),
+                                (False, "skip", 1)):
+        wf = anatomical.init_anat_preproc_wf(contrast="T1w", skull_strip=mode, omp_nthreads=2,
+                                             expect_stripped=expect)
+        assert wf.get_node("skull_strip").n_procs == slots, (expect, mode)

@@ -10,9 +10,24 @@ from .interfaces import (ANTS_NTHREADS, Conform, DetectSkullStripped, N4BiasFiel
                          SkullStrip)
 
 
+def looks_stripped(path) -> bool:
+    """Whether the image at ``path`` looks brain-extracted
+    (:func:`synth7t.preprocess.detect_skull_stripped`), for scheduling only; False when it
+    cannot be read (the graph's own nodes report that)."""
+    import nibabel as nib
+
+    from synth7t.preprocess import detect_skull_stripped
+
+    try:
+        return bool(detect_skull_stripped(nib.load(str(path))))
+    except Exception:  # noqa: BLE001 - unreadable or absent: decided (and reported) at run time
+        return False
+
+
 def init_anat_preproc_wf(*, contrast: str, skull_strip: str = "auto", is_anchor: bool = True,
                          brain_extraction: str = "deep", device: str = "auto",
-                         omp_nthreads: int = 1, seed: int = 0, name: str | None = None):
+                         omp_nthreads: int = 1, seed: int = 0, expect_stripped: bool = False,
+                         name: str | None = None):
     """Conform, bias-correct and (for the anatomical reference) brain-extract one image.
 
     The anatomical reference (``is_anchor``; T1w when present) is skull-stripped here; the
@@ -37,6 +52,12 @@ def init_anat_preproc_wf(*, contrast: str, skull_strip: str = "auto", is_anchor:
         Torch threads of the deep engine (the node reserves that many CPUs).
     seed : int
         Random seed for brain extraction.
+    expect_stripped : bool
+        The input looked brain-extracted when the graph was built (:func:`looks_stripped`):
+        with ``skull_strip="auto"`` the brain-extraction node still decides at run time, but
+        reserves one scheduler slot instead of ``omp_nthreads``, since it will only detect.
+        (On sub-02 it otherwise waited 13.6 s for another contrast's N4 to free a second slot,
+        holding back registration and everything after it.)
     name : str, optional
         Workflow name (default ``anat_preproc_<contrast>_wf``).
 
@@ -81,9 +102,11 @@ def init_anat_preproc_wf(*, contrast: str, skull_strip: str = "auto", is_anchor:
     if is_anchor:
         deep = brain_extraction == "deep"
         threads = max(1, int(omp_nthreads)) if deep else ANTS_NTHREADS
+        detect_only = skull_strip == "skip" or (skull_strip == "auto" and expect_stripped)
         strip = pe.Node(SkullStrip(mode=skull_strip, method=brain_extraction, device=device,
                                    omp_nthreads=threads, ants_nthreads=ANTS_NTHREADS, seed=seed),
-                        name="skull_strip", n_procs=threads, mem_gb=2.5 if deep else 1.5)
+                        name="skull_strip", n_procs=1 if detect_only else threads,
+                        mem_gb=2.5 if deep else 1.5)
         wf.connect([
             (n4, strip, [("out_file", "in_file")]),
             (strip, outputnode, [("out_file", "brain"), ("out_mask", "mask"),

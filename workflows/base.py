@@ -9,7 +9,7 @@ from nipype.pipeline import engine as pe
 from synth7t import __version__
 from synth7t.fields import CONTRASTS
 
-from .anatomical import init_anat_preproc_wf
+from .anatomical import init_anat_preproc_wf, looks_stripped
 from .outputs import init_ds_anat_wf, init_ds_registration_wf, init_ds_synthesis_wf
 from .registration import init_register_wf
 from .reportlets import init_reportlets_wf
@@ -193,10 +193,12 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
 
     anat_wfs = {}
     for c in contrasts:
+        expect = c == anchor and skull_strip == "auto" and looks_stripped(images[c].path)
         anat_wfs[c] = init_anat_preproc_wf(contrast=c, skull_strip=skull_strip,
                                            is_anchor=c == anchor,
                                            brain_extraction=brain_extraction, device=device,
-                                           omp_nthreads=omp_nthreads, seed=seed)
+                                           omp_nthreads=omp_nthreads, seed=seed,
+                                           expect_stripped=expect)
         wf.connect(inputnode, c.lower(), anat_wfs[c], "inputnode.in_file")
 
     register_wf = init_register_wf(anchor=anchor, others=others, seed=seed)
