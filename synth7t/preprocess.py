@@ -206,12 +206,13 @@ def ants_to_nib(image: "ants.ANTsImage", *, like: nib.Nifti1Image | None = None,
     return _on_grid(data, nib.Nifti1Image(np.empty((1, 1, 1), np.uint8), affine), dtype)
 
 
-def _ref_like() -> nib.Nifti1Image:
-    """Header-only stand-in for the reference grid (the data are a broadcast view, never
-    materialised)."""
-    img = nib.Nifti1Image(np.broadcast_to(np.float32(0), REF_SHAPE), REF_AFFINE)
-    img.set_qform(REF_AFFINE, code=4)  # 4 = MNI_152: the grid is in MNI coordinates
-    img.set_sform(REF_AFFINE, code=4)
+def _ref_like(shape: tuple[int, ...] = REF_SHAPE,
+              affine: np.ndarray = REF_AFFINE) -> nib.Nifti1Image:
+    """Header-only stand-in for the reference grid, or for a part or coarser copy of it (the
+    data are a broadcast view, never materialised)."""
+    img = nib.Nifti1Image(np.broadcast_to(np.float32(0), tuple(shape)), affine)
+    img.set_qform(affine, code=4)  # 4 = MNI_152: the grid is in MNI coordinates
+    img.set_sform(affine, code=4)
     return img
 
 
@@ -623,7 +624,7 @@ def reference_box(img: nib.Nifti1Image, transforms: str | Sequence[str], *, abov
     step = BOX_STEP
     shape = tuple(-(-n // step) for n in REF_SHAPE)
     affine = REF_AFFINE @ np.diag([step, step, step, 1.0])
-    coarse = nib.Nifti1Image(np.broadcast_to(np.float32(0), shape), affine)
+    coarse = _ref_like(shape, affine)
     # outside the native field of view counts as below the level, whatever ``above`` is
     data = np.asanyarray(_apply(img, coarse, _as_list(transforms), "linear", invert,
                                 None, default=above - 1.0).dataobj)
@@ -650,7 +651,7 @@ def to_reference_box(img: nib.Nifti1Image, transforms: str | Sequence[str],
     affine = REF_AFFINE.copy()
     affine[:3, 3] = REF_AFFINE[:3, :3] @ start + REF_AFFINE[:3, 3]
     shape = tuple(b.stop - b.start for b in box)
-    sub = nib.Nifti1Image(np.broadcast_to(np.float32(0), shape), affine)
+    sub = _ref_like(shape, affine)
     out = np.zeros(REF_SHAPE, dtype=np.float32)
     out[box] = np.asanyarray(_apply(img, sub, _as_list(transforms), interpolation, invert,
                                     None).dataobj, dtype=np.float32)
