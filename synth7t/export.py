@@ -321,6 +321,9 @@ def _loss_text(cfg) -> str:
     if getattr(cfg, "uncertainty", False):
         text += (f" + {cfg.unc_weight:g} x Laplace NLL of the target given the detached "
                  "prediction and the predicted scale b (uncertainty head)")
+    if getattr(cfg, "level_weight", 0):
+        text += (f" + {cfg.level_weight:g} x relative error of 4 mm block means inside the brain "
+                 "(tissue levels; synth7t.train.level_loss)")
     if getattr(cfg, "ema_decay", 0):
         text += f"; exported weights: EMA (decay {cfg.ema_decay:g})"
     return text

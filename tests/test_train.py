@@ -327,3 +327,94 @@ def test_finetune_on_bids_sessions(tmp_path):
     entry = Registry.load(out).get("T1w", 1.5)
     assert entry.sha256 == sha256_file(out / "model.safetensors")
     load_synthesizer(entry)
+
+
+def _blurred_fractions(shape=(40, 40, 20), sigma=2.0) -> dict:
+    """CSF ball in GM shell in WM: crisp labels blurred, like a population average."""
+    from scipy import ndimage as ndi
+
+    idx = np.indices(shape, dtype=np.float32)
+    r = np.sqrt(((idx[0] - 20) ** 2 + (idx[1] - 20) ** 2) + (idx[2] - 10) ** 2 * 4)
+    crisp = {"CSF": r < 6, "GM": (r >= 6) & (r < 10), "WM": r >= 10}
+    return {k: ndi.gaussian_filter(v.astype(np.float32), sigma) for k, v in crisp.items()}
+
+
+def test_partial_volume_sharpening_makes_voxels_purer_and_keeps_totals():
+    from synth7t.sources import sharpen_partial_volume
+
+    fr = _blurred_fractions()
+    total = sum(fr.values())
+    np.testing.assert_array_equal(sharpen_partial_volume(fr, 1.0)["GM"], fr["GM"])
+    pure = lambda f: np.mean(np.maximum.reduce([f[k] for k in f]) / total > 0.98)  # noqa: E731
+    out = sharpen_partial_volume(fr, 3.0)
+    np.testing.assert_allclose(sum(out.values()), total, atol=1e-5)
+    assert all(v.min() >= 0 for v in out.values())
+    assert pure(out) > pure(fr) + 0.1
+    # the dominant tissue of each voxel stays dominant
+    dom = lambda f: np.argmax(np.stack([f[k] for k in ("CSF", "GM", "WM")]), axis=0)  # noqa: E731
+    np.testing.assert_array_equal(dom(out), dom(fr))
+
+
+def test_csf_change_widens_or_narrows_the_csf_and_keeps_totals():
+    from synth7t.sources import change_csf
+
+    fr = _blurred_fractions(sigma=1.0)
+    total = sum(fr.values())
+    csf0 = float(fr["CSF"].sum())
+    wide, narrow = change_csf(fr, 1.0), change_csf(fr, -0.5)
+    for out in (wide, narrow):
+        np.testing.assert_allclose(sum(out.values()), total, atol=1e-5)
+        assert all(v.min() >= -1e-7 for v in out.values())
+    assert wide["CSF"].sum() > 1.05 * csf0 and np.mean(wide["CSF"] > 0.9) > np.mean(fr["CSF"] > 0.9)
+    assert narrow["CSF"].sum() < 0.95 * csf0
+    # WM far from any CSF is untouched
+    far = fr["CSF"] < 1e-6
+    np.testing.assert_allclose(wide["WM"][far & (fr["WM"] > 0.999)], fr["WM"][far & (fr["WM"] > 0.999)],
+                               atol=1e-3)
+
+
+def test_random_anatomies_draw_sharpness_and_csf_only_when_asked():
+    from synth7t.anatomy import Anatomy
+    from synth7t.sources import RandomAnatomies
+
+    fr = _blurred_fractions()
+    base = Anatomy(fr, np.ones_like(fr["WM"]), np.eye(4), name="ball")
+    kw = dict(label_perturbation=0.0, texture_std=0.0, jitter=False, lesion_probability=0.0)
+    plain = RandomAnatomies([base], **kw).new_brain(np.random.default_rng(1))
+    for k in fr:
+        np.testing.assert_array_equal(plain.anatomy.fractions[k], fr[k])
+    drawn = RandomAnatomies([base], sharpness=(2.0, 3.0), csf_change=(0.5, 1.0), **kw)
+    a1 = drawn.new_brain(np.random.default_rng(1)).anatomy.fractions
+    a2 = drawn.new_brain(np.random.default_rng(1)).anatomy.fractions
+    np.testing.assert_array_equal(a1["CSF"], a2["CSF"])  # seeded
+    assert not np.array_equal(a1["GM"], fr["GM"])
+    np.testing.assert_allclose(sum(a1.values()), sum(fr.values()), atol=1e-5)
+    # widened after sharpening: more pure CSF than sharpening alone at the strongest exponent
+    from synth7t.sources import sharpen_partial_volume
+
+    assert np.mean(a1["CSF"] > 0.9) > np.mean(sharpen_partial_volume(fr, 3.0)["CSF"] > 0.9)
+
+
+def test_level_loss_sees_a_dark_tissue_level_error_that_l1_hardly_does():
+    from synth7t.train import level_loss, synthesis_loss
+
+    rng = np.random.default_rng(0)
+    y = torch.full((2, 1, 32, 32), 0.1) + 0.01 * torch.from_numpy(
+        rng.standard_normal((2, 1, 32, 32)).astype(np.float32))
+    m = torch.zeros_like(y)
+    m[..., 4:28, 4:28] = 1.0
+    y = y * m
+    same, brighter = y.clone(), (y + 0.015) * m  # a white matter 15 % too bright
+    assert float(level_loss(same, y, m)) == 0.0
+    lev = float(level_loss(brighter, y, m))
+    assert lev == pytest.approx(0.015 / 0.2, rel=0.05)  # relative to level + floor
+    l1 = float(synthesis_loss(brighter, y)[1]["l1"])
+    assert lev > 5 * l1
+    # blocks crossing the mask's edge do not count: an error outside them changes nothing
+    edge = y.clone()
+    edge[..., 0:4, :] += 0.5
+    assert float(level_loss(edge, y, m)) == 0.0
+    # gradient flows to the prediction
+    p = brighter.clone().requires_grad_(True)
+    level_loss(p, y, m).backward()
+    assert float(p.grad.abs().sum()) > 0

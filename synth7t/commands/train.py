@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-randomise", action="store_true",
                    help="plain simulator: no label/texture/relaxation randomisation, "
                         "physics.json ranges instead of the widened training ranges")
+    d.add_argument("--pv-sharpness", nargs=2, type=float, default=[1.0, 3.0], metavar=("LO", "HI"),
+                   help="range of the per-brain partial-volume sharpening exponent (1 1: off; "
+                        "synth7t.sources.sharpen_partial_volume)")
+    d.add_argument("--csf-change", nargs=2, type=float, default=[-0.5, 1.5], metavar=("LO", "HI"),
+                   help="range of the per-brain widening (> 0) or narrowing (< 0) of the CSF "
+                        "spaces (0 0: off; synth7t.sources.change_csf)")
     d.add_argument("--mrixfields", type=Path, metavar="DIR",
                    help="MRIxFields tree with paired P_ volumes (7T as target)")
     d.add_argument("--mrixfields-split", nargs="+", default=["Training_prospective"])
@@ -98,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-uncertainty", action="store_true",
                    help="no uncertainty head (per-voxel expected absolute error)")
     m.add_argument("--unc-weight", type=float, default=0.1, help="weight of the Laplace NLL")
+    m.add_argument("--level-weight", type=float, default=0.5,
+                   help="weight of the tissue-level loss (relative error of 4 mm block means; "
+                        "0: off, as for models before 2.2.0)")
     m.add_argument("--input-gain", nargs=2, type=float, default=[1.0, 1.0], metavar=("LO", "HI"),
                    help="random gain on each patch's source, log-uniform in [LO, HI], clipped "
                         "to [0, 1], so that the output does not follow the input's "
@@ -187,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             anats = [icbm] + [load_anatomy(a) for a in args.anatomies]
             randomiser = RandomAnatomies(
                 anats, label_perturbation=0.0 if args.no_randomise else 0.5,
-                texture_std=0.0 if args.no_randomise else 0.04, jitter=not args.no_randomise)
+                texture_std=0.0 if args.no_randomise else 0.04, jitter=not args.no_randomise,
+                sharpness=(1.0, 1.0) if args.no_randomise else tuple(args.pv_sharpness),
+                csf_change=(0.0, 0.0) if args.no_randomise else tuple(args.csf_change))
             sim_source = SimulatorSource(depth=args.slab_depth, roi_size=args.roi_size or None,
                                          fields=fields, contrasts=contrasts,
                                          extent=SimulatorSource(val_sim, depth=args.slab_depth).extent,
@@ -238,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                       val_slabs=args.val_slabs, threads=args.threads, device=args.device,
                       max_minutes=args.max_minutes, data=data_desc,
                       uncertainty=not args.no_uncertainty, unc_weight=args.unc_weight,
+                      level_weight=args.level_weight,
                       ema_decay=args.ema_decay, input_gain=tuple(args.input_gain),
                       input_scaling=args.input_scaling,
                       warmup=20 if init_net is not None else 100)
