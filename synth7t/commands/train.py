@@ -34,6 +34,16 @@ import numpy as np
 from synth7t.intensity import INPUT_SCALINGS
 
 
+def _pv_text(randomiser) -> str:
+    """The partial-volume randomisation of a run, for its data description."""
+    text = ""
+    if randomiser.sharpness != (1.0, 1.0):
+        text += "partial-volume sharpening exponent %g-%g, " % randomiser.sharpness
+    if randomiser.csf_change != (0.0, 0.0):
+        text += "CSF widening/narrowing %g to %g, " % randomiser.csf_change
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="synth7t-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -206,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             data_desc.append(
                 "simulated pairs (synth7t.simulate) from " + ", ".join(randomiser.names)
                 + "; every slab a new brain: random smooth deformation, GM/WM label "
-                "perturbation, random texture, per-tissue PD/T1/T2 jitter, protocol/SNR/voxel/"
-                "bias ranges widened as physics.json training_widening says; "
-                "Colin27/BrainWeb never used")
+                "perturbation, " + _pv_text(randomiser) + "random texture, per-tissue PD/T1/T2 "
+                "jitter, protocol/SNR/voxel/bias ranges widened as physics.json "
+                "training_widening says; Colin27/BrainWeb never used")
         sources.append((sim_source, 1.0))
     real_pairs = []
     if args.mrixfields:
