@@ -195,8 +195,9 @@ class RandomAnatomies:
         white-matter-dominated voxels are > 98 % white matter and 0.8 % of its brain is pure CSF,
         against 70 % and 5.5 % for a single subject segmented the same way (Colin27); a 7 T
         image at 0.5 mm shows the crisp single brain, and the 99.8th-percentile normalisation of
-        T2w rests on its pure CSF (0.8 % vs 5.5 % moved Colin27's 7 T T2w white matter from the
-        0.13 the network had learned to 0.11). ``gamma`` 3 brings ICBM152 to 65 % / 2.8 %.
+        T2w rests on its pure CSF: ICBM152's 7 T T2w white matter sits at 0.128, single brains'
+        (Colin27, sub-01, sub-02) at 0.107-0.113. ``gamma`` 3 brings ICBM152 to 65 % / 2.8 %
+        and its white matter to 0.120.
     csf_change
         Range of the CSF change ``s`` of :func:`change_csf` drawn per brain (``(0, 0)``: off):
         sulci and ventricles widened (``s > 0``, atrophy) or narrowed (``s < 0``) by about a
