@@ -229,7 +229,10 @@ class UNetSynthesizer(Synthesizer):
         self.device = resolve_device(device)
         net = net.eval().to(self.device, memory_format=torch.channels_last)
         # a synthesiser serves one (contrast, field) pair: its FiLM affines become convolutions
-        self.net = net.folded(condition_vector(contrast, field_bin))
+        # (with level conditioning, refolded for each volume's level: :meth:`_condition`)
+        self._unfolded = net if net.config.level_condition else None
+        self._cond = net.condition(contrast, field_bin, level=None)
+        self.net = net.folded(self._cond)
         self.config: UNetConfig = net.config
         self.contrast = contrast
         self.field_bin = field_bin
@@ -287,7 +290,7 @@ class UNetSynthesizer(Synthesizer):
         out = np.zeros(src.shape, dtype=np.float32)
         unc = np.zeros(src.shape, dtype=np.float32) if want_unc else None
         zs = [z for z in range(src.shape[2]) if cmask[:, :, z].any()]
-        cond1 = condition_vector(self.contrast, self.field_bin).to(self.device)
+        cond1 = self._condition(input_level, volume, mask).to(self.device)
         # Per batch, only the in-plane box holding every non-zero input of its slices (and of
         # their 2.5D neighbours) is run: the brain is round, so this skips ~1/3 of the pixels the
         # global box would cost. Inputs outside it are zeros, exactly what the crop pads with.
@@ -323,6 +326,17 @@ class UNetSynthesizer(Synthesizer):
     @property
     def has_uncertainty(self) -> bool:
         return bool(getattr(self.config, "uncertainty", False))
+
+    def _condition(self, level: float | None, volume: np.ndarray,
+                   mask: np.ndarray) -> torch.Tensor:
+        """The conditioning of this volume; refolds the network when its level changes it."""
+        if self._unfolded is None:
+            return self._cond
+        cond = self._unfolded.condition(self.contrast, self.field_bin, level, volume, mask)
+        if not torch.equal(cond, self._cond):
+            self.net = self._unfolded.folded(cond)
+            self._cond = cond
+        return cond
 
     def _forward(self, x: torch.Tensor, cond: torch.Tensor, *, tta: bool,
                  uncertainty: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

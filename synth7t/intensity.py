@@ -110,8 +110,43 @@ def source_gain(levels: dict[str, float] | None, contrast: str, field_bin: float
     if not levels:
         return 1.0
     nominal = levels[level_key(contrast, field_bin)]
+    level = _measured_level(level, image, mask)
     if level is None:
-        level = brain_level(image[mask] if mask is not None else image)
-    if not np.isfinite(level) or level <= 0:
         return 1.0
     return float(np.clip(nominal / level, 0.5, 2.0))
+
+
+#: Bound of :func:`level_offset` (a factor e = 2.7 either way: beyond any real brain).
+LEVEL_OFFSET_BOUND = 1.0
+
+
+def level_offset(levels: dict[str, float] | None, contrast: str, field_bin: float,
+                 level: float | None, image: np.ndarray | None = None,
+                 mask: np.ndarray | None = None) -> float:
+    """The conditioning value of a network with level conditioning (``UNetConfig.
+    level_condition``): ``log(level / nominal)`` of the whole brain's :func:`brain_level`,
+    bounded to +-:data:`LEVEL_OFFSET_BOUND`; 0 without levels or without a measurable level.
+
+    Unlike :func:`source_gain`, the input keeps its 99.8th-percentile scale: the network is told
+    how far the brain's mean sits from the training average and learns what that means, which
+    differs by cause (noise raises the percentile and lowers the mean at every tissue; a brain
+    with more CSF lowers the T1w mean but not the white matter the percentile rests on).
+    ``level`` and ``image``/``mask`` as in :func:`source_gain`.
+    """
+    if not levels:
+        return 0.0
+    nominal = levels[level_key(contrast, field_bin)]
+    level = _measured_level(level, image, mask)
+    if level is None or nominal <= 0:
+        return 0.0
+    return float(np.clip(np.log(level / nominal), -LEVEL_OFFSET_BOUND, LEVEL_OFFSET_BOUND))
+
+
+def _measured_level(level: float | None, image: np.ndarray | None,
+                    mask: np.ndarray | None) -> float | None:
+    """``level``, or the brain level of ``image`` inside ``mask``; ``None`` if not positive."""
+    if level is None and image is not None:
+        level = brain_level(image[mask] if mask is not None else image)
+    if level is None or not np.isfinite(level) or level <= 0:
+        return None
+    return float(level)

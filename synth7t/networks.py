@@ -25,8 +25,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from .fields import CONTRASTS, SUPPORTED_BINS
+from .intensity import level_offset
 
-#: Size of the conditioning vector: one-hot field bin + one-hot contrast.
+#: Size of the conditioning vector: one-hot field bin + one-hot contrast (networks with level
+#: conditioning append one value, :func:`synth7t.intensity.level_offset`).
 N_COND_FIELDS, N_COND_CONTRASTS = len(SUPPORTED_BINS), len(CONTRASTS)
 N_COND = N_COND_FIELDS + N_COND_CONTRASTS
 
@@ -34,7 +36,7 @@ N_COND = N_COND_FIELDS + N_COND_CONTRASTS
 def pair_index(cond: torch.Tensor) -> torch.Tensor:
     """Index (field bin x contrast) of each conditioning vector of a batch ``(B, N_COND)``."""
     field = cond[:, :N_COND_FIELDS].argmax(dim=1)
-    contrast = cond[:, N_COND_FIELDS:].argmax(dim=1)
+    contrast = cond[:, N_COND_FIELDS:N_COND].argmax(dim=1)
     return field * N_COND_CONTRASTS + contrast
 #: Left-right test-time flips by default (BIDS App and challenge command): off, because they
 #: double the inference time for a change below 0.003 in nRMSE/SSIM (README, Benchmarks).
@@ -43,8 +45,10 @@ DEFAULT_TTA = False
 UNC_LOG_B_MIN, UNC_LOG_B_MAX, UNC_INIT_LOG_B = -9.2, -0.7, -4.0
 
 
-def condition_vector(contrast: str, field_bin: float) -> torch.Tensor:
-    """One-hot conditioning for ``(contrast, field_bin)``, shape ``(N_COND,)``.
+def condition_vector(contrast: str, field_bin: float,
+                     level_offset: float | None = None) -> torch.Tensor:
+    """One-hot conditioning for ``(contrast, field_bin)``, shape ``(N_COND,)``, or
+    ``(N_COND + 1,)`` with ``level_offset`` appended (networks with level conditioning).
 
     Parameters
     ----------
@@ -52,8 +56,12 @@ def condition_vector(contrast: str, field_bin: float) -> torch.Tensor:
         BIDS suffix, one of :data:`synth7t.fields.CONTRASTS`.
     field_bin
         Source field bin, one of :data:`synth7t.fields.SUPPORTED_BINS`.
+    level_offset
+        :func:`synth7t.intensity.level_offset` of the source's whole brain.
     """
-    vec = torch.zeros(N_COND, dtype=torch.float32)
+    vec = torch.zeros(N_COND + (level_offset is not None), dtype=torch.float32)
+    if level_offset is not None:
+        vec[N_COND] = float(level_offset)
     fidx = min(range(len(SUPPORTED_BINS)), key=lambda i: abs(SUPPORTED_BINS[i] - float(field_bin)))
     if abs(SUPPORTED_BINS[fidx] - float(field_bin)) > 1e-3:
         raise ValueError(f"field bin {field_bin!r} is not one of {SUPPORTED_BINS}")
@@ -85,6 +93,10 @@ class UNetConfig:
     #: level the whole brain's mean is scaled to before the network (a scale that does not rise
     #: with the noise, as the 99.8th percentile does); empty: the [0, 1] input as it is.
     input_levels: dict[str, float] = field(default_factory=dict)
+    #: Level conditioning (:func:`synth7t.intensity.level_offset`): per pair, the nominal brain
+    #: mean; the conditioning gets ``log(mean / nominal)`` of the source's whole brain as one
+    #: more value (``n_cond = N_COND + 1``). Empty: one-hot conditioning only.
+    level_condition: dict[str, float] = field(default_factory=dict)
 
     @property
     def in_channels(self) -> int:
@@ -194,6 +206,35 @@ class UNet25D(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self._run(x, cond)[0]
+
+    def condition(self, contrast: str, field_bin: float, level: float | None = None,
+                  image=None, mask=None) -> torch.Tensor:
+        """This network's conditioning vector for a source of ``contrast`` at ``field_bin``
+        whose whole brain has :func:`synth7t.intensity.brain_level` ``level`` (``None``:
+        measured on ``image`` inside ``mask``; only read with level conditioning)."""
+        levels = self.config.level_condition
+        if not levels:
+            return condition_vector(contrast, field_bin)
+        return condition_vector(contrast, field_bin,
+                                level_offset(levels, contrast, field_bin, level, image, mask))
+
+    def with_level_condition(self, levels: dict[str, float]) -> "UNet25D":
+        """A copy conditioned on the brain level too, computing exactly what this network does
+        (the new FiLM input's weights are zero) until it is trained; itself if it already is."""
+        import copy
+
+        if self.config.level_condition:
+            return self
+        cfg = UNetConfig.from_json(self.config.to_json())
+        cfg.level_condition = dict(levels)
+        cfg.n_cond = self.config.n_cond + 1
+        net = UNet25D(cfg)
+        state = copy.deepcopy(self.state_dict())
+        for key, val in list(state.items()):
+            if key.endswith("film.weight"):
+                state[key] = torch.cat([val, torch.zeros(val.shape[0], 1, dtype=val.dtype)], 1)
+        net.load_state_dict(state, strict=True)
+        return net
 
     def folded(self, cond: torch.Tensor) -> "UNet25D":
         """A copy for inference under one condition only, its FiLM affines folded into the

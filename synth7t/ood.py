@@ -44,7 +44,8 @@ def slab_features(net: UNet25D, slab, *, per_slab: int, rng: np.random.Generator
                                            slab.mask))
     X, Y, Z = src.shape
     px, py = (-X) % PAD, (-Y) % PAD
-    cond = condition_vector(slab.contrast, slab.field_bin)[None]
+    cond = net.condition(slab.contrast, slab.field_bin, slab.source_level, slab.source,
+                         slab.mask)[None]
     feats = []
     with torch.inference_mode():
         for z in range(Z):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .fields import CONTRASTS, SUPPORTED_BINS, bin_label
-from .intensity import brain_level, normalise, source_gain
+from .intensity import brain_level, level_offset, normalise, source_gain
 from .networks import condition_vector
 
 #: MRIxFields modality names -> BIDS suffixes.
@@ -612,14 +612,20 @@ class PatchSampler:
         The network's :attr:`synth7t.networks.UNetConfig.input_levels`: each patch's source is
         scaled by its slab's :attr:`Slab.source_level` exactly as
         :meth:`synth7t.inference.UNetSynthesizer.predict` scales a whole volume.
+    level_condition
+        The network's :attr:`synth7t.networks.UNetConfig.level_condition`: each patch's
+        conditioning gets its slab's level offset (:func:`synth7t.intensity.level_offset` of
+        :attr:`Slab.source_level`), as inference conditions on the whole volume's.
     """
 
     def __init__(self, sources: list[tuple[SlabSource, float]], rng: np.random.Generator, *,
                  n_slices: int = 5, patch: int = 128, pool_size: int = 24,
                  refresh_every: int = 8, log: Callable[[str], None] | None = None,
                  input_gain: tuple[float, float] | None = None,
-                 input_levels: dict[str, float] | None = None) -> None:
+                 input_levels: dict[str, float] | None = None,
+                 level_condition: dict[str, float] | None = None) -> None:
         self.input_levels = dict(input_levels or {})
+        self.level_condition = dict(level_condition or {})
         if input_gain is not None and not 0 < input_gain[0] <= input_gain[1]:
             raise ValueError(f"input_gain must be 0 < lo <= hi, got {input_gain}")
         self.input_gain = None if input_gain is None or input_gain[0] == input_gain[1] == 1 \
@@ -683,6 +689,13 @@ class PatchSampler:
             x = np.clip(x * np.float32(np.exp(self.rng.uniform(lo, hi))), 0.0, 1.0)
         return np.ascontiguousarray(x), np.ascontiguousarray(y), np.ascontiguousarray(m)
 
+    def _condition(self, slab: Slab) -> torch.Tensor:
+        if not self.level_condition:
+            return condition_vector(slab.contrast, slab.field_bin)
+        return condition_vector(slab.contrast, slab.field_bin, level_offset(
+            self.level_condition, slab.contrast, slab.field_bin, slab.source_level, slab.source,
+            slab.mask))
+
     def batch(self, batch_size: int) -> tuple[torch.Tensor, ...]:
         """``x (B, n_slices, P, P)``, ``y``, ``mask (B, 1, P, P)``, ``cond (B, N_COND)``."""
         self._calls += 1
@@ -695,7 +708,7 @@ class PatchSampler:
             xs.append(x)
             ys.append(y)
             ms.append(m)
-            cs.append(condition_vector(slab.contrast, slab.field_bin))
+            cs.append(self._condition(slab))
         return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)),
                 torch.from_numpy(np.stack(ms)), torch.stack(cs))
 

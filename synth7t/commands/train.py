@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "noise does not raise but the brain's tissue proportions move (a "
                         "fine-tuned candidate missed the quality target on 3 of 12 pairs: "
                         "synth7t/models/TRAINING.md)")
+    m.add_argument("--level-condition", action=argparse.BooleanOptionalAction, default=False,
+                   help="also condition the network on how far its source's whole-brain mean "
+                        "sits from the training average (log ratio; recorded in the weights): "
+                        "the input keeps its 99.8th-percentile scale, which noise inflates, and "
+                        "the network learns when it is inflated")
     m.add_argument("--ema-decay", type=float, default=0.999, help="0 disables the weight EMA")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0)
@@ -262,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                       level_weight=args.level_weight,
                       ema_decay=args.ema_decay, input_gain=tuple(args.input_gain),
                       input_scaling=args.input_scaling,
+                      level_condition=args.level_condition,
                       warmup=20 if init_net is not None else 100)
 
     # Held-out set: simulated with seeds offset far from training seeds when the simulator is
@@ -281,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         return PatchSampler(sources, rng, n_slices=cfg.n_slices, patch=cfg.patch,
                             pool_size=cfg.pool_size, refresh_every=cfg.refresh_every, log=_log,
                             input_gain=cfg.input_gain,
-                            input_levels=trainer.net.config.input_levels)
+                            input_levels=trainer.net.config.input_levels,
+                            level_condition=trainer.net.config.level_condition)
 
     trainer = Trainer(cfg, sampler_factory, args.out, val=val, init_net=init_net, log=_log)
     if args.resume:
