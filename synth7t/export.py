@@ -343,13 +343,21 @@ def _metadata(weights: Path) -> tuple[dict, UNetConfig]:
 
 
 def _input_text(weights: Path) -> str:
-    """How the exported network scales its input (empty when it takes it as it is)."""
-    if not _metadata(weights)[1].input_levels:
-        return ""
-    return ("; its [0, 1] input is first scaled so that the whole brain's mean sits at a fixed "
-            "level per pair (Architecture.config.input_levels; synth7t.intensity.source_gain): "
-            "a scale that noise, hot voxels and bright lesions hardly move, unlike the 99.8th "
-            "percentile that sets the [0, 1] range")
+    """How the exported network scales its input or reads its level (empty: neither)."""
+    cfg = _metadata(weights)[1]
+    text = ""
+    if cfg.input_levels:
+        text += ("; its [0, 1] input is first scaled so that the whole brain's mean sits at a "
+                 "fixed level per pair (Architecture.config.input_levels; synth7t.intensity."
+                 "source_gain): a scale that noise, hot voxels and bright lesions hardly move, "
+                 "unlike the 99.8th percentile that sets the [0, 1] range")
+    if cfg.level_condition:
+        text += ("; its conditioning also carries log(whole-brain mean of the [0, 1] source / "
+                 "the training average for the pair) (Architecture.config.level_condition; "
+                 "synth7t.intensity.level_offset): the input keeps its 99.8th-percentile scale, "
+                 "which noise inflates, and the network is told how far the brain's mean sits "
+                 "from where training had it")
+    return text
 
 
 def _uncertainty_text(weights: Path) -> str | None:

@@ -232,7 +232,9 @@ class Physics:
                 spec[key]["range"] = stretch(*spec[key]["range"], f)
             elif kind == "snr":
                 lo, hi = spec[key]
-                spec[key] = [lo * (1 - scale * (1 - lo_f)), hi * (1 + scale * (hi_f - 1))]
+                # a bin whose scanners reach below its nominal field trains lower still
+                low = lo_f * spec.get("training_floor", {}).get("value", 1.0)
+                spec[key] = [lo * (1 - scale * (1 - low)), hi * (1 + scale * (hi_f - 1))]
             elif kind == "voxel":
                 spec[key] = [[max(0.5, a * (1 - scale * (1 - vlo))), b * (1 + scale * (vhi - 1))]
                              if b > 0.5 + 1e-6 else [a, b] for a, b in spec[key]]

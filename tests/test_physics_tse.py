@@ -69,6 +69,21 @@ def test_widened_ranges_contain_the_table_and_scale():
     assert wide.table["protocols"]["FLAIR"]["7"] == phys.table["protocols"]["FLAIR"]["7"]
 
 
+def test_the_lowest_bin_trains_down_to_the_snr_of_the_lowest_field_it_receives():
+    """0.1 T's training SNR reaches what B0^1.65 gives a 0.064 T scanner (routed to that bin);
+    the other bins keep the generic widening."""
+    from synth7t.fields import route_field
+
+    phys = Physics.load()
+    wide, lo_f = phys.widened().table["snr_wm"], phys.table["training_widening"]["snr"]["value"][0]
+    floor = phys.table["snr_wm"]["0.1"]["training_floor"]["value"]
+    assert floor == pytest.approx((0.064 / 0.1) ** 1.65, abs=0.01)
+    assert route_field(0.064).bin == 0.1
+    assert wide["0.1"]["range"][0] == pytest.approx(8 * lo_f * floor)
+    for f in ("1.5", "3", "5"):
+        assert wide[f]["range"][0] == pytest.approx(phys.table["snr_wm"][f]["range"][0] * lo_f)
+
+
 def test_jitter_is_seeded_and_bounded():
     phys = Physics.load()
     a = phys.jittered(np.random.default_rng(1)).relaxation("WM", 3.0)

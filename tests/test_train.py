@@ -96,6 +96,69 @@ def test_sampler_scales_each_source_by_its_slabs_level():
         assert np.allclose(x1, x0 * gain, rtol=1e-5, atol=1e-6)
 
 
+def test_level_condition_starts_as_the_same_network_and_then_reads_the_level():
+    """A network given level conditioning computes what it did until trained; once its level
+    weights are not zero, inference conditions each volume on its own whole-brain level (the
+    one given for a part of a volume), refolding its FiLM affines for each, with no state
+    carried from one volume to the next."""
+    from synth7t.intensity import BRAIN_MEAN_LEVELS, brain_level, level_offset
+    from synth7t.networks import N_COND, UNet25D, UNetConfig, pair_index
+
+    torch.manual_seed(0)
+    net = UNet25D(UNetConfig(n_slices=3, base=4, levels=2)).eval()
+    for prm in net.parameters():
+        torch.nn.init.normal_(prm, std=0.1)
+    src, _, mask = _phantom(3)
+    plain = UNetSynthesizer(net, contrast="T2w", field_bin=3.0).predict(src, mask)
+    cond_net = net.with_level_condition(BRAIN_MEAN_LEVELS)
+    assert cond_net.config.n_cond == N_COND + 1 and net.config.n_cond == N_COND
+    syn = UNetSynthesizer(cond_net, contrast="T2w", field_bin=3.0)
+    assert np.allclose(syn.predict(src, mask), plain, atol=1e-5)
+
+    with torch.no_grad():  # as if trained: the level moves every FiLM affine
+        for block in list(cond_net.down) + list(cond_net.up):
+            block.film.weight[:, N_COND].normal_(0, 0.5)
+    syn = UNetSynthesizer(cond_net, contrast="T2w", field_bin=3.0)
+    own, dim = syn.predict(src, mask), syn.predict(src, mask, input_level=0.5 * brain_level(src[mask]))
+    assert not np.allclose(own, dim, atol=1e-3)
+    assert np.allclose(syn.predict(src, mask), own, atol=1e-6)  # refolded back, not stuck
+    offset = level_offset(BRAIN_MEAN_LEVELS, "T2w", 3.0, None, src, mask)
+    cond = cond_net.condition("T2w", 3.0, None, src, mask)
+    assert cond.shape == (N_COND + 1,) and cond[N_COND] == pytest.approx(offset)
+    assert int(pair_index(cond[None])[0]) == int(pair_index(net.condition("T2w", 3.0)[None])[0])
+    fresh = UNetSynthesizer(cond_net, contrast="T2w", field_bin=3.0)
+    assert np.array_equal(fresh.predict(src, mask, input_level=0.5 * brain_level(src[mask])), dim)
+
+
+def test_level_offset_is_a_bounded_log_ratio_and_zero_without_levels():
+    from synth7t.intensity import BRAIN_MEAN_LEVELS, LEVEL_OFFSET_BOUND, level_offset
+
+    nominal = BRAIN_MEAN_LEVELS["FLAIR@1.5"]
+    assert level_offset(BRAIN_MEAN_LEVELS, "FLAIR", 1.5, nominal) == 0.0
+    assert level_offset(BRAIN_MEAN_LEVELS, "FLAIR", 1.5, nominal * 0.8) == pytest.approx(np.log(0.8))
+    assert level_offset(BRAIN_MEAN_LEVELS, "FLAIR", 1.5, nominal * 100) == LEVEL_OFFSET_BOUND
+    assert level_offset({}, "FLAIR", 1.5, 0.1) == 0.0
+    assert level_offset(BRAIN_MEAN_LEVELS, "FLAIR", 1.5, None, np.zeros((4, 4, 4))) == 0.0
+
+
+def test_sampler_conditions_each_patch_on_its_slabs_level():
+    """Training patches carry the level offset inference computes for the whole volume."""
+    from synth7t.intensity import BRAIN_MEAN_LEVELS
+    from synth7t.networks import N_COND
+
+    s, t, m = _phantom(7)
+    slab = Slab(s, t, m, "T1w", 0.1, source_level=0.5)
+    for levels, size in ((None, N_COND), (dict(BRAIN_MEAN_LEVELS), N_COND + 1)):
+        sampler = PatchSampler([(_PhantomSource(), 1.0)], np.random.default_rng(5), n_slices=3,
+                               patch=32, pool_size=1, refresh_every=0, level_condition=levels)
+        sampler.pool = [slab]
+        x, y, msk, cond = sampler.batch(2)
+        assert cond.shape == (2, size)
+        if levels:
+            expect = np.log(0.5 / BRAIN_MEAN_LEVELS["T1w@0.1"])
+            assert torch.allclose(cond[:, N_COND], torch.tensor([expect] * 2, dtype=torch.float32))
+
+
 def test_ssim_matches_skimage():
     from skimage.metrics import structural_similarity
 
