@@ -125,7 +125,8 @@ def level_offset(levels: dict[str, float] | None, contrast: str, field_bin: floa
                  mask: np.ndarray | None = None) -> float:
     """The conditioning value of a network with level conditioning (``UNetConfig.
     level_condition``): ``log(level / nominal)`` of the whole brain's :func:`brain_level`,
-    bounded to +-:data:`LEVEL_OFFSET_BOUND`; 0 without levels or without a measurable level.
+    bounded to +-:data:`LEVEL_OFFSET_BOUND`; 0 without levels, for a pair ``levels`` does not
+    name (a network conditioned at some fields only) or without a measurable level.
 
     Unlike :func:`source_gain`, the input keeps its 99.8th-percentile scale: the network is told
     how far the brain's mean sits from the training average and learns what that means, which
@@ -133,9 +134,9 @@ def level_offset(levels: dict[str, float] | None, contrast: str, field_bin: floa
     with more CSF lowers the T1w mean but not the white matter the percentile rests on).
     ``level`` and ``image``/``mask`` as in :func:`source_gain`.
     """
-    if not levels:
+    nominal = (levels or {}).get(level_key(contrast, field_bin))
+    if not nominal:
         return 0.0
-    nominal = levels[level_key(contrast, field_bin)]
     level = _measured_level(level, image, mask)
     if level is None or nominal <= 0:
         return 0.0

@@ -215,10 +215,11 @@ class TrainConfig:
     #: .BRAIN_MEAN_LEVELS` (:attr:`synth7t.networks.UNetConfig.input_levels`; a network that
     #: already scales keeps its own levels)
     input_scaling: str = "none"
-    #: Condition the network on its source's whole-brain level too (:attr:`synth7t.networks.
-    #: UNetConfig.level_condition`, nominal levels :data:`synth7t.intensity.BRAIN_MEAN_LEVELS`;
-    #: a network initialised without it starts computing exactly what it did).
-    level_condition: bool = False
+    #: Source field bins whose networks are also conditioned on the source's whole-brain level
+    #: (:attr:`synth7t.networks.UNetConfig.level_condition`, nominal levels :data:`synth7t.
+    #: intensity.BRAIN_MEAN_LEVELS`; a network initialised without it starts computing exactly
+    #: what it did). Empty: none.
+    level_condition: tuple[float, ...] = ()
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -275,7 +276,9 @@ class Trainer:
         if config.input_scaling == "brain-mean" and not self.net.config.input_levels:
             self.net.config.input_levels = dict(BRAIN_MEAN_LEVELS)
         if config.level_condition:
-            self.net = self.net.with_level_condition(BRAIN_MEAN_LEVELS)
+            self.net = self.net.with_level_condition(
+                {k: v for k, v in BRAIN_MEAN_LEVELS.items()
+                 if float(k.split("@")[1]) in {float(f) for f in config.level_condition}})
         self.net.to(self.device, memory_format=torch.channels_last).train()
         self.ema = copy.deepcopy(self.net).eval() if config.ema_decay > 0 else None
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=config.lr,

@@ -139,6 +139,9 @@ def test_level_offset_is_a_bounded_log_ratio_and_zero_without_levels():
     assert level_offset(BRAIN_MEAN_LEVELS, "FLAIR", 1.5, nominal * 100) == LEVEL_OFFSET_BOUND
     assert level_offset({}, "FLAIR", 1.5, 0.1) == 0.0
     assert level_offset(BRAIN_MEAN_LEVELS, "FLAIR", 1.5, None, np.zeros((4, 4, 4))) == 0.0
+    only_low = {k: v for k, v in BRAIN_MEAN_LEVELS.items() if k.endswith("@0.1")}
+    assert level_offset(only_low, "FLAIR", 1.5, nominal * 0.8) == 0.0
+    assert level_offset(only_low, "FLAIR", 0.1, BRAIN_MEAN_LEVELS["FLAIR@0.1"] * 0.8) != 0.0
 
 
 def test_sampler_conditions_each_patch_on_its_slabs_level():

@@ -129,11 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "noise does not raise but the brain's tissue proportions move (a "
                         "fine-tuned candidate missed the quality target on 3 of 12 pairs: "
                         "synth7t/models/TRAINING.md)")
-    m.add_argument("--level-condition", action=argparse.BooleanOptionalAction, default=False,
-                   help="also condition the network on how far its source's whole-brain mean "
-                        "sits from the training average (log ratio; recorded in the weights): "
-                        "the input keeps its 99.8th-percentile scale, which noise inflates, and "
-                        "the network learns when it is inflated")
+    m.add_argument("--level-condition", nargs="*", type=float, default=[], metavar="BIN",
+                   help="source field bins (e.g. 0.1) at which the network is also conditioned "
+                        "on how far its source's whole-brain mean sits from the training "
+                        "average (log ratio; recorded in the weights): the input keeps its "
+                        "99.8th-percentile scale, which noise inflates, and the network learns "
+                        "when it is inflated (default: none)")
     m.add_argument("--ema-decay", type=float, default=0.999, help="0 disables the weight EMA")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0)
@@ -178,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [c for c in contrasts if c not in CONTRASTS]
     if bad:
         print(f"synth7t-train: unknown contrast(s) {bad}", file=sys.stderr)
+        return 64
+    bad = [f for f in args.level_condition if f not in SUPPORTED_BINS]
+    if bad:
+        print(f"synth7t-train: --level-condition {bad}: not a field bin {SUPPORTED_BINS}",
+              file=sys.stderr)
         return 64
     if args.pretrain_unpaired:
         if args.simulated or args.mrixfields or args.bids:
@@ -267,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                       level_weight=args.level_weight,
                       ema_decay=args.ema_decay, input_gain=tuple(args.input_gain),
                       input_scaling=args.input_scaling,
-                      level_condition=args.level_condition,
+                      level_condition=tuple(args.level_condition),
                       warmup=20 if init_net is not None else 100)
 
     # Held-out set: simulated with seeds offset far from training seeds when the simulator is
