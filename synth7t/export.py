@@ -185,14 +185,15 @@ SIMULATION_LIMITS = [
     "The uncertainty map is the network's own estimate of its expected absolute error on "
     "simulated data (plus the test-time flips' disagreement when on, and the input's intensity "
     "clipped by the normalisation), not a guarantee. On held-out simulated anatomy "
-    "(benchmarks/bench_uncertainty.py, model 2.2.0) it ranks the error (Spearman >= 0.4) at "
-    "0.1-1.5 T for T1w and T2w, T2w 3 T and FLAIR 0.1 and 5 T, and rises at least 2x on every "
-    "unseen synthetic lesion, but it does not rank the small errors of T1w 3-5 T, T2w 5 T or "
-    "FLAIR 1.5-3 T, where a per-tissue intensity bias of a few percent (FLAIR white matter "
-    "+0.02) is most of the error.",
-    "Intensity levels beyond the training ranges: at WM SNR 3-5 with 2.8-3 mm voxels (20 % "
-    "beyond training) the 0.1 T T1w input's normalisation is inflated by noise and the "
-    "synthetic image's nRMSE is above copy-input's (0.296 vs 0.265 on Colin27).",
+    "(benchmarks/bench_uncertainty.py, model 2.3.0) it ranks the error (Spearman >= 0.4) on "
+    "10 of 12 pairs and rises at least 2x on every unseen synthetic lesion, but it does not rank "
+    "the small errors of T1w 3-5 T (Spearman 0.39 / 0.23; MAE 0.009-0.011), and its deciles of "
+    "error rise monotonically on 5 of 12 pairs only.",
+    "0.1 T inputs noisier than training (training WM SNR 2.7-19.5, i.e. down to a 0.064 T "
+    "scanner's): at WM SNR 0.8-2.4 with 2.8-3 mm voxels the synthetic 0.1 T T1w image has a "
+    "better SSIM than the input but no better nRMSE (0.419 vs 0.416 on Colin27); the 0.1 T "
+    "networks are told how far the brain's mean sits from training (level conditioning) but "
+    "below that SNR there is little left to synthesise from.",
 ]
 
 
@@ -352,8 +353,10 @@ def _input_text(weights: Path) -> str:
                  "source_gain): a scale that noise, hot voxels and bright lesions hardly move, "
                  "unlike the 99.8th percentile that sets the [0, 1] range")
     if cfg.level_condition:
-        text += ("; its conditioning also carries log(whole-brain mean of the [0, 1] source / "
-                 "the training average for the pair) (Architecture.config.level_condition; "
+        pairs = ", ".join(sorted(cfg.level_condition))
+        text += (f"; for {pairs} its conditioning also carries log(whole-brain mean of the "
+                 "[0, 1] source / the training average for the pair) (Architecture.config."
+                 "level_condition; "
                  "synth7t.intensity.level_offset): the input keeps its 99.8th-percentile scale, "
                  "which noise inflates, and the network is told how far the brain's mean sits "
                  "from where training had it")

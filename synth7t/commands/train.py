@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "on how far its source's whole-brain mean sits from the training "
                         "average (log ratio; recorded in the weights): the input keeps its "
                         "99.8th-percentile scale, which noise inflates, and the network learns "
-                        "when it is inflated (default: none)")
+                        "when it is inflated (default: none; the shipped 2.3.0 was trained with "
+                        "0.1, and a network initialised from one that has it keeps its own; at "
+                        "1.5-5 T the mean follows the tissue proportions more than the noise)")
     m.add_argument("--ema-decay", type=float, default=0.999, help="0 disables the weight EMA")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0)
