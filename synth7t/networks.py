@@ -72,6 +72,18 @@ def condition_vector(contrast: str, field_bin: float,
     return vec
 
 
+def level_conditioned(levels: dict[str, float] | None, contrast: str, field_bin: float,
+                      level: float | None = None, image=None, mask=None) -> torch.Tensor:
+    """The conditioning of a network with level conditioning ``levels`` (:attr:`UNetConfig.
+    level_condition`; empty or ``None``: the one-hot vector alone) for a source whose whole
+    brain has :func:`synth7t.intensity.brain_level` ``level`` (``None``: measured on ``image``
+    inside ``mask``)."""
+    if not levels:
+        return condition_vector(contrast, field_bin)
+    return condition_vector(contrast, field_bin,
+                            level_offset(levels, contrast, field_bin, level, image, mask))
+
+
 @dataclass
 class UNetConfig:
     """Hyper-parameters of :class:`UNet25D`; stored in the weights' metadata and model card."""
@@ -212,11 +224,8 @@ class UNet25D(nn.Module):
         """This network's conditioning vector for a source of ``contrast`` at ``field_bin``
         whose whole brain has :func:`synth7t.intensity.brain_level` ``level`` (``None``:
         measured on ``image`` inside ``mask``; only read with level conditioning)."""
-        levels = self.config.level_condition
-        if not levels:
-            return condition_vector(contrast, field_bin)
-        return condition_vector(contrast, field_bin,
-                                level_offset(levels, contrast, field_bin, level, image, mask))
+        return level_conditioned(self.config.level_condition, contrast, field_bin, level,
+                                 image, mask)
 
     def with_level_condition(self, levels: dict[str, float]) -> "UNet25D":
         """A copy conditioned on the brain level too, computing exactly what this network does

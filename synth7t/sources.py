@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from .fields import CONTRASTS, SUPPORTED_BINS, bin_label
-from .intensity import brain_level, level_offset, normalise, source_gain
-from .networks import condition_vector
+from .intensity import brain_level, normalise, source_gain
+from .networks import level_conditioned
 
 #: MRIxFields modality names -> BIDS suffixes.
 MRIX_TO_BIDS = {"T1W": "T1w", "T2W": "T2w", "T2FLAIR": "FLAIR"}
@@ -689,13 +689,6 @@ class PatchSampler:
             x = np.clip(x * np.float32(np.exp(self.rng.uniform(lo, hi))), 0.0, 1.0)
         return np.ascontiguousarray(x), np.ascontiguousarray(y), np.ascontiguousarray(m)
 
-    def _condition(self, slab: Slab) -> torch.Tensor:
-        if not self.level_condition:
-            return condition_vector(slab.contrast, slab.field_bin)
-        return condition_vector(slab.contrast, slab.field_bin, level_offset(
-            self.level_condition, slab.contrast, slab.field_bin, slab.source_level, slab.source,
-            slab.mask))
-
     def batch(self, batch_size: int) -> tuple[torch.Tensor, ...]:
         """``x (B, n_slices, P, P)``, ``y``, ``mask (B, 1, P, P)``, ``cond (B, N_COND)``."""
         self._calls += 1
@@ -708,7 +701,8 @@ class PatchSampler:
             xs.append(x)
             ys.append(y)
             ms.append(m)
-            cs.append(self._condition(slab))
+            cs.append(level_conditioned(self.level_condition, slab.contrast, slab.field_bin,
+                                        slab.source_level, slab.source, slab.mask))
         return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)),
                 torch.from_numpy(np.stack(ms)), torch.stack(cs))
 
