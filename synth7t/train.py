@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .fields import bin_label
-from .intensity import BRAIN_MEAN_LEVELS
+from .fields import CONTRASTS, bin_label
+from .intensity import BRAIN_MEAN_LEVELS, level_key
 from .inference import UNetSynthesizer, save_unet
 from .networks import UNet25D, UNetConfig
 from .registry import (ModelIntegrityError, Registry, RegistryError, read_verified,
@@ -276,9 +276,9 @@ class Trainer:
         if config.input_scaling == "brain-mean" and not self.net.config.input_levels:
             self.net.config.input_levels = dict(BRAIN_MEAN_LEVELS)
         if config.level_condition:
+            keys = {level_key(c, f) for c in CONTRASTS for f in config.level_condition}
             self.net = self.net.with_level_condition(
-                {k: v for k, v in BRAIN_MEAN_LEVELS.items()
-                 if float(k.split("@")[1]) in {float(f) for f in config.level_condition}})
+                {k: v for k, v in BRAIN_MEAN_LEVELS.items() if k in keys})
         self.net.to(self.device, memory_format=torch.channels_last).train()
         self.ema = copy.deepcopy(self.net).eval() if config.ema_decay > 0 else None
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=config.lr,
