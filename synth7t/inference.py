@@ -229,10 +229,11 @@ class UNetSynthesizer(Synthesizer):
         self.device = resolve_device(device)
         net = net.eval().to(self.device, memory_format=torch.channels_last)
         # a synthesiser serves one (contrast, field) pair: its FiLM affines become convolutions
-        # (with level conditioning, refolded for each volume's level: :meth:`_condition`)
+        # (with level conditioning, refolded for each volume's level: :meth:`_network`)
         self._unfolded = net if net.config.level_condition else None
-        self._cond = net.condition(contrast, field_bin, level=None)
-        self.net = net.folded(self._cond)
+        cond = net.condition(contrast, field_bin, level=None)
+        # (conditioning, network folded with it), replaced as one pair, never mutated
+        self._folded: tuple[torch.Tensor, UNet25D] = (cond, net.folded(cond))
         self.config: UNetConfig = net.config
         self.contrast = contrast
         self.field_bin = field_bin
@@ -290,7 +291,8 @@ class UNetSynthesizer(Synthesizer):
         out = np.zeros(src.shape, dtype=np.float32)
         unc = np.zeros(src.shape, dtype=np.float32) if want_unc else None
         zs = [z for z in range(src.shape[2]) if cmask[:, :, z].any()]
-        cond1 = self._condition(input_level, volume, mask).to(self.device)
+        net, cond1 = self._network(input_level, volume, mask)
+        cond1 = cond1.to(self.device)
         # Per batch, only the in-plane box holding every non-zero input of its slices (and of
         # their 2.5D neighbours) is run: the brain is round, so this skips ~1/3 of the pixels the
         # global box would cost. Inputs outside it are zeros, exactly what the crop pads with.
@@ -304,7 +306,7 @@ class UNetSynthesizer(Synthesizer):
                 x = torch.from_numpy(self._inputs(src, oth, chunk)[:, :, x0:x1, y0:y1])
                 x = x.to(self.device).contiguous(memory_format=torch.channels_last)
                 cond = cond1.expand(len(chunk), -1)
-                y, u = self._forward(x, cond, tta=tta, uncertainty=want_unc)
+                y, u = _forward(net, x, cond, tta=tta, uncertainty=want_unc)
                 y = y[:, 0].float().cpu().numpy()
                 for i, z in enumerate(chunk):
                     out[x0:x1, y0:y1, z] = y[i]
@@ -327,40 +329,49 @@ class UNetSynthesizer(Synthesizer):
     def has_uncertainty(self) -> bool:
         return bool(getattr(self.config, "uncertainty", False))
 
-    def _condition(self, level: float | None, volume: np.ndarray,
-                   mask: np.ndarray) -> torch.Tensor:
-        """The conditioning of this volume; refolds the network when its level changes it."""
+    @property
+    def net(self) -> UNet25D:
+        """The network folded with the conditioning of the last volume (or of none)."""
+        return self._folded[1]
+
+    def _network(self, level: float | None, volume: np.ndarray,
+                 mask: np.ndarray) -> tuple[UNet25D, torch.Tensor]:
+        """The folded network and conditioning for this volume (refolded when its level
+        changes the conditioning). The call works on its own local pair, so threads sharing
+        one synthesiser never run a network folded for another thread's volume."""
+        cond, net = self._folded
         if self._unfolded is None:
-            return self._cond
-        cond = self._unfolded.condition(self.contrast, self.field_bin, level, volume, mask)
-        if not torch.equal(cond, self._cond):
-            self.net = self._unfolded.folded(cond)
-            self._cond = cond
-        return cond
+            return net, cond
+        new = self._unfolded.condition(self.contrast, self.field_bin, level, volume, mask)
+        if not torch.equal(new, cond):
+            net = self._unfolded.folded(new)
+            self._folded = (new, net)
+        return net, new
 
-    def _forward(self, x: torch.Tensor, cond: torch.Tensor, *, tta: bool,
-                 uncertainty: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prediction (and uncertainty) of one batch, optionally averaged with the LR flip.
 
-        The uncertainty is the head's expected absolute error ``b`` (averaged over the flips)
-        plus, with flips, half their absolute disagreement: the flips see the same anatomy
-        mirrored, so where they disagree the network is unsure of its own answer.
-        """
-        def run(inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            if uncertainty:
-                return self.net.forward_with_uncertainty(inp, cond)
-            return self.net(inp, cond), None
+def _forward(net: UNet25D, x: torch.Tensor, cond: torch.Tensor, *, tta: bool,
+             uncertainty: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prediction (and uncertainty) of one batch, optionally averaged with the LR flip.
 
-        y, b = run(x)
-        if not tta:
-            return y, b
-        # Left-right flip (array axis 0 -> tensor dim 2) is anatomically plausible.
-        yf, bf = run(torch.flip(x, dims=(2,)))
-        yf = yf.flip(dims=(2,))
-        mean = 0.5 * (y + yf)
-        if b is None:
-            return mean, None
-        return mean, 0.5 * (b + bf.flip(dims=(2,))) + 0.5 * (y - yf).abs()
+    The uncertainty is the head's expected absolute error ``b`` (averaged over the flips)
+    plus, with flips, half their absolute disagreement: the flips see the same anatomy
+    mirrored, so where they disagree the network is unsure of its own answer.
+    """
+    def run(inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if uncertainty:
+            return net.forward_with_uncertainty(inp, cond)
+        return net(inp, cond), None
+
+    y, b = run(x)
+    if not tta:
+        return y, b
+    # Left-right flip (array axis 0 -> tensor dim 2) is anatomically plausible.
+    yf, bf = run(torch.flip(x, dims=(2,)))
+    yf = yf.flip(dims=(2,))
+    mean = 0.5 * (y + yf)
+    if b is None:
+        return mean, None
+    return mean, 0.5 * (b + bf.flip(dims=(2,))) + 0.5 * (y - yf).abs()
 
 
 def save_unet(net: UNet25D, path, *, extra_metadata: dict[str, str] | None = None) -> str:

@@ -130,6 +130,36 @@ def test_level_condition_starts_as_the_same_network_and_then_reads_the_level():
     assert np.array_equal(fresh.predict(src, mask, input_level=0.5 * brain_level(src[mask])), dim)
 
 
+def test_level_conditioned_synthesiser_shared_between_threads_keeps_each_volume_its_level():
+    """Two threads predicting volumes of different levels with one synthesiser each get the
+    answer a lone call gives: a refold for one volume never reaches the other's forward pass."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from synth7t.intensity import BRAIN_MEAN_LEVELS, brain_level
+    from synth7t.networks import N_COND, UNet25D, UNetConfig
+
+    torch.manual_seed(1)
+    net = UNet25D(UNetConfig(n_slices=3, base=4, levels=2)).eval().with_level_condition(
+        BRAIN_MEAN_LEVELS)
+    with torch.no_grad():
+        for prm in net.parameters():
+            torch.nn.init.normal_(prm, std=0.1)
+        for block in list(net.down) + list(net.up):
+            block.film.weight[:, N_COND].normal_(0, 0.5)
+    src, _, mask = _phantom(4)
+    levels = [brain_level(src[mask]) * f for f in (0.5, 1.5)]
+    alone = [UNetSynthesizer(net, contrast="T1w", field_bin=1.5).predict(
+        src, mask, input_level=lv, batch_size=1) for lv in levels]
+    assert not np.allclose(alone[0], alone[1], atol=1e-3)
+    shared = UNetSynthesizer(net, contrast="T1w", field_bin=1.5)
+    jobs = [levels[i % 2] for i in range(8)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        got = list(pool.map(lambda lv: shared.predict(src, mask, input_level=lv, batch_size=1),
+                            jobs))
+    for i, out in enumerate(got):
+        assert np.array_equal(out, alone[i % 2])
+
+
 def test_level_offset_is_a_bounded_log_ratio_and_zero_without_levels():
     from synth7t.intensity import BRAIN_MEAN_LEVELS, LEVEL_OFFSET_BOUND, level_offset
 
