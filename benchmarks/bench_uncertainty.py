@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     from synth7t.reference import REF_SHAPE
     from synth7t.inference import load_synthesizer
     from synth7t.registry import Registry
-    from synth7t.uncertainty import add_saturation, decile_calibration, is_monotonic, spearman
+    from synth7t.uncertainty import (add_saturation, decile_calibration, is_monotonic,
+                                     largest_dip, spearman)
 
     tta = DEFAULT_TTA if args.tta is None else args.tta
     torch.set_num_threads(args.threads)
@@ -139,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             cal = decile_calibration(u, e)
             les = float(np.nanmean([r[0] for r in lr]))
             nor = float(np.nanmean([r[1] for r in lr]))
+            dip, dip_bin = largest_dip(cal)
             rows[key] = {"spearman": spearman(u, e), "monotonic": is_monotonic(cal),
+                         "largest_dip": dip, "largest_dip_bin": dip_bin,
                          "mean_unc": float(u.mean()), "mae": float(e.mean()),
                          "lesion_unc": les, "normal_wm_unc": nor, "lesion_ratio": les / nor}
             calib[key] = cal
@@ -158,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     for key, r in rows.items():
         met = r["spearman"] >= 0.4 and r["monotonic"] and r["lesion_ratio"] >= 2.0
         all_met &= met
-        print(f"| {key} | {r['spearman']:.3f} | {'yes' if r['monotonic'] else 'no'} | "
+        mono = "yes" if r["monotonic"] else (
+            f"no (largest fall {r['largest_dip']:.4f} = {100 * r['largest_dip'] / r['mae']:.0f} % "
+            f"of the MAE, into decile {r['largest_dip_bin']})")
+        print(f"| {key} | {r['spearman']:.3f} | {mono} | "
               f"{r['mean_unc']:.4f} | {r['mae']:.4f} | {r['lesion_ratio']:.2f} "
               f"({r['lesion_unc']:.4f} / {r['normal_wm_unc']:.4f}) | {'yes' if met else 'no'} |")
     print(f"\ntargets: Spearman >= 0.4, decile MAE non-decreasing, lesion >= 2x normal WM: "

@@ -124,6 +124,15 @@ def is_monotonic(rows: list[dict], key: str = "mean_abs_error") -> bool:
     return all(b >= a for a, b in zip(vals, vals[1:]))
 
 
+def largest_dip(rows: list[dict], key: str = "mean_abs_error") -> tuple[float, int]:
+    """The largest fall of ``key`` from one calibration bin to the next, and the bin (1-based)
+    it falls into; ``(0.0, 0)`` when non-decreasing. Says how far a failed
+    :func:`is_monotonic` is from holding (a dip within the bins' sampling noise or a trend)."""
+    drops = [(a[key] - b[key], b["bin"]) for a, b in zip(rows, rows[1:])]
+    drop, where = max(drops, default=(0.0, 0))
+    return (float(drop), int(where)) if drop > 0 else (0.0, 0)
+
+
 #: Lesion-to-white-matter intensity of :func:`insert_lesion` (see there).
 FACTORS = {"T1w": 0.4, "T2w": 2.5, "FLAIR": 2.0}
 

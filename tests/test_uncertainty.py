@@ -121,6 +121,10 @@ def test_summary_and_statistics():
     rows = U.decile_calibration(np.linspace(0.1, 1, 5000), err)
     assert len(rows) == 10 and sum(r["voxels"] for r in rows) == 5000
     assert not U.is_monotonic([{"mean_abs_error": 1.0}, {"mean_abs_error": 0.5}])
+    dips = [{"bin": i + 1, "mean_abs_error": v} for i, v in enumerate((1.0, 2.0, 1.9, 3.0, 2.5))]
+    assert U.largest_dip(dips) == (pytest.approx(0.5), 5)
+    assert U.largest_dip(rows[:1]) == (0.0, 0)
+    assert U.largest_dip([{"bin": i + 1, "mean_abs_error": i} for i in range(4)]) == (0.0, 0)
 
 
 def test_lesion_insertion_changes_only_the_ball():
