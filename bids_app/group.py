@@ -59,7 +59,7 @@ THUMB_WIDTH = 360
 SESSION_QC = ("BrainVolumeML", "RegistrationDice")
 #: Numeric sidecar keys that are provenance, not QC.
 SIDECAR_SKIP = {"MagneticFieldStrength", "SourceMagneticFieldStrength", "SourceFieldBin",
-                "RandomSeed", "UncertaintyThreshold"}
+                "RandomSeed", "UncertaintyThreshold", "UncertaintyOODThreshold"}
 STATUSES = ("ok", "partial", "refused", "crashed", "not run")
 GROUP_FILES = ("group_qc.tsv", "group_qc.json", "group.html")
 

@@ -230,11 +230,14 @@ def uncertainty_warning(contrast: str, meta: dict) -> str | None:
     """Summary warning when too much of the brain is uncertain (input out of distribution)."""
     from synth7t.uncertainty import OOD_SHARE
 
-    share = meta.get("UncertainShareBrain")
+    # maps written before the per-pair threshold carry only the fixed one
+    share = meta.get("UncertainShareAboveOODThreshold", meta.get("UncertainShareBrain"))
+    limit = meta.get("UncertaintyOODThreshold", meta.get("UncertaintyThreshold"))
     if share is None or not meta.get("UncertaintyOutOfDistribution"):
         return None
+    normal = "a normal brain: <= 5 %; " if "UncertaintyOODThreshold" in meta else ""
     return (f"{contrast}: {100 * share:.0f} % of the brain has an expected error above "
-            f"{meta.get('UncertaintyThreshold')} (limit {100 * OOD_SHARE:.0f} %): the input is "
+            f"{limit} ({normal}limit {100 * OOD_SHARE:.0f} %): the input is "
             "probably unlike the training data; check the synthetic image against the input")
 
 

@@ -185,10 +185,20 @@ SIMULATION_LIMITS = [
     "The uncertainty map is the network's own estimate of its expected absolute error on "
     "simulated data (plus the test-time flips' disagreement when on, and the input's intensity "
     "clipped by the normalisation), not a guarantee. On held-out simulated anatomy "
-    "(benchmarks/bench_uncertainty.py, model 2.3.0) it ranks the error (Spearman >= 0.4) on "
+    "(benchmarks/bench_uncertainty.py, model 2.3.0/2.3.1) it ranks the error (Spearman >= 0.4) on "
     "10 of 12 pairs and rises at least 2x on every unseen synthetic lesion, but it does not rank "
     "the small errors of T1w 3-5 T (Spearman 0.39 / 0.23; MAE 0.009-0.011), and its deciles of "
-    "error rise monotonically on 5 of 12 pairs only.",
+    "error rise monotonically on 5 of 12 pairs only. The App flags an input as out of "
+    "distribution when more than 25 % of its brain lies above the pair's threshold: the larger "
+    "of 0.05 and the map's 95th percentile over normal simulated brains (UNetConfig."
+    "uncertainty_reference; 0.018-0.14 by pair), so a normal 0.1 T scan, whose expected error is "
+    "mostly its noise, is not flagged for that alone.",
+    "Protocols: trained on the design table's protocols with TE/TR/FA widened to about +-20 % "
+    "and inversion times (MPRAGE, FLAIR TI/TR) to only +-3-8 %, because the first-order MPRAGE "
+    "model makes CSF bright when TI moves. With every source parameter 20 % beyond those "
+    "ranges' edges (benchmarks/bench_quality.py --outside-band edge) the model beats the input "
+    "on 8 of 12 pairs on Colin27 (not T1w 1.5 T, T2w 1.5 T, FLAIR 3 T, T1w 5 T): check "
+    "outputs from protocols far from the table (e.g. a FLAIR whose CSF is not nulled).",
     "0.1 T inputs noisier than training (training WM SNR 2.7-19.5, i.e. down to a 0.064 T "
     "scanner's): at WM SNR 0.8-2.4 with 2.8-3 mm voxels the synthetic 0.1 T T1w image has a "
     "better SSIM than the input but no better nRMSE (0.419 vs 0.416 on Colin27); the 0.1 T "
@@ -374,6 +384,10 @@ def _uncertainty_text(weights: Path) -> str | None:
         text += ("; scaled by the feature-space novelty (squared Mahalanobis distance to the "
                  "nearest of the fitted clusters over its quantile, where above 1; synth7t.ood: "
                  + meta.get("ood", "") + ")")
+    if cfg.uncertainty_reference:
+        text += ("; out-of-distribution flag per pair from the map's reference level ("
+                 + meta.get("uncertainty_reference", "") + "; UNetConfig.uncertainty_reference, "
+                 "synth7t.uncertainty.summarise)")
     return text
 
 

@@ -382,7 +382,28 @@ def save_unet(net: UNet25D, path, *, extra_metadata: dict[str, str] | None = Non
     meta.update(extra_metadata or {})
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(path), metadata=meta)
+    _sort_header(path)
     return sha256_file(path)
+
+
+def _sort_header(path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place.
+
+    The writer serialises the metadata from a hash map whose order changes from one process to
+    the next, so the same network gave a different file (and SHA-256) at every export; sorted,
+    the bytes depend only on the tensors and the metadata. The header keeps its length (padded
+    with spaces, as the writer pads it), so the tensors' offsets do not move.
+    """
+    import struct
+
+    with open(path, "r+b") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > size:  # pragma: no cover - the writer's own form is never shorter
+            raise ValueError(f"{path}: sorted safetensors header does not fit")
+        fh.seek(8)
+        fh.write(text.ljust(size, b" "))
 
 
 def load_synthesizer(entry: ModelEntry, *, device: str = "cpu") -> Synthesizer:

@@ -109,6 +109,10 @@ class UNetConfig:
     #: mean; the conditioning gets ``log(mean / nominal)`` of the source's whole brain as one
     #: more value (``n_cond = N_COND + 1``). Empty: one-hot conditioning only.
     level_condition: dict[str, float] = field(default_factory=dict)
+    #: Per pair, the 95th percentile of the uncertainty map over the brain of normal simulated
+    #: anatomy (:func:`synth7t.ood.reference_levels`): where the out-of-distribution flag of
+    #: :func:`synth7t.uncertainty.summarise` starts. Empty: the fixed threshold alone.
+    uncertainty_reference: dict[str, float] = field(default_factory=dict)
 
     @property
     def in_channels(self) -> int:

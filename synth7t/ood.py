@@ -11,6 +11,11 @@ where it exceeds 1 (:meth:`synth7t.networks.UNet25D.forward_with_uncertainty`), 
 an expected absolute error on familiar input and rises on novel input (Lee et al., NeurIPS 2018,
 Mahalanobis novelty detection on network features).
 
+The same run stores, per pair, the 95th percentile of the finished map over normal slabs
+(:func:`reference_levels`, ``UNetConfig.uncertainty_reference``), where the App's
+out-of-distribution flag starts; ``--reference-only`` adds just that to a network whose
+clusters are already fitted (its tensors unchanged).
+
     python -m synth7t.ood --weights best.safetensors --out best_ood.safetensors \\
         --anatomies sub-01.npz sub-02.npz [--slabs-per-pair 12 --clusters 4 --seed 0]
 """
@@ -90,6 +95,38 @@ def fit(net: UNet25D, features: dict[tuple[str, float], np.ndarray], *, clusters
     return out.eval()
 
 
+#: Quantile of a pair's uncertainty map over normal brains that the App's out-of-distribution
+#: flag starts from (:func:`reference_levels`; :func:`synth7t.uncertainty.summarise`).
+REFERENCE_QUANTILE = 0.95
+
+
+def reference_levels(net: UNet25D, slabs: dict[tuple[str, float], list], *,
+                     quantile: float = REFERENCE_QUANTILE,
+                     threads: int | None = None) -> dict[str, float]:
+    """Per pair (``"T1w@0.1"``), the ``quantile`` of the uncertainty map over the brain voxels
+    of normal slabs (:class:`synth7t.sources.Slab`), as the App computes the map (no flips).
+
+    What a normal brain gives differs tenfold between pairs (the expected error of a 0.1 T
+    source is mostly noise the network cannot undo): a fixed threshold would call every
+    0.1 T scan out of distribution, or no 5 T one. Stored as ``UNetConfig.
+    uncertainty_reference``.
+    """
+    from .inference import UNetSynthesizer
+    from .intensity import level_key
+
+    out = {}
+    for (contrast, field), group in slabs.items():
+        syn = UNetSynthesizer(net, contrast=contrast, field_bin=field)
+        vals = []
+        for slab in group:
+            _, unc = syn.predict(slab.source, slab.mask, return_uncertainty=True,
+                                 input_level=slab.source_level, threads=threads)
+            vals.append(unc[slab.mask])
+        out[level_key(contrast, field)] = round(float(np.quantile(np.concatenate(vals),
+                                                                  quantile)), 5)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m synth7t.ood", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", type=Path, required=True, help="safetensors of a UNet25D with "
@@ -105,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantile", type=float, default=0.99)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reference-slabs", type=int, default=12,
+                   help="normal slabs per pair for the map's reference level (reference_levels)")
+    p.add_argument("--reference-only", action="store_true",
+                   help="keep the network's fitted clusters; only add the reference levels")
     args = p.parse_args(argv)
 
     from safetensors import safe_open
@@ -117,10 +158,15 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     with safe_open(str(args.weights), framework="pt") as fh:
-        cfg = UNetConfig.from_json(fh.metadata()["config"])
+        meta_in = fh.metadata() or {}
+    cfg = UNetConfig.from_json(meta_in["config"])
     net = UNet25D(cfg)
-    net.load_state_dict({k: v for k, v in load_file(str(args.weights)).items()
-                         if not k.startswith("ood_")}, strict=False)
+    state = load_file(str(args.weights))
+    if args.reference_only:
+        net.load_state_dict(state, strict=True)
+    else:
+        net.load_state_dict({k: v for k, v in state.items() if not k.startswith("ood_")},
+                            strict=False)
     net.eval()
     icbm = from_icbm152()
     anats = [icbm] + [load_anatomy(a) for a in args.anatomies]
@@ -132,18 +178,39 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     feats: dict[tuple[str, float], np.ndarray] = {}
     t0 = time.perf_counter()
+    if args.reference_only:
+        out, meta = net, {k: v for k, v in meta_in.items() if k == "ood"}
+    else:
+        for c in CONTRASTS:
+            for fb in SUPPORTED_BINS:
+                parts = []
+                while len(parts) < args.slabs_per_pair:
+                    for slab in src.make_pair(rng, c, fb):
+                        parts.append(slab_features(net, slab, per_slab=args.per_slab, rng=rng))
+                feats[(c, fb)] = np.concatenate(parts)
+                print(f"{c}@{fb:g}T: {len(feats[(c, fb)])} feature vectors "
+                      f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        out = fit(net, feats, clusters=args.clusters, quantile=args.quantile, seed=args.seed)
+        meta = {"ood": f"k={args.clusters} tied-covariance clusters per pair, quantile "
+                       f"{args.quantile}, {args.slabs_per_pair} normal slabs per pair, seed "
+                       f"{args.seed}"}
+    # the finished map on new normal slabs (their own seed stream, not the clusters' slabs)
+    ref_rng = np.random.default_rng([args.seed, 1])
+    refs: dict[str, float] = {}
     for c in CONTRASTS:
         for fb in SUPPORTED_BINS:
-            parts = []
-            while len(parts) < args.slabs_per_pair:
-                for slab in src.make_pair(rng, c, fb):
-                    parts.append(slab_features(net, slab, per_slab=args.per_slab, rng=rng))
-            feats[(c, fb)] = np.concatenate(parts)
-            print(f"{c}@{fb:g}T: {len(feats[(c, fb)])} feature vectors "
-                  f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    out = fit(net, feats, clusters=args.clusters, quantile=args.quantile, seed=args.seed)
-    meta = {"ood": f"k={args.clusters} tied-covariance clusters per pair, quantile "
-                   f"{args.quantile}, {args.slabs_per_pair} normal slabs per pair, seed {args.seed}"}
+            group = []
+            while len(group) < args.reference_slabs:
+                group.extend(src.make_pair(ref_rng, c, fb))
+            refs.update(reference_levels(out, {(c, fb): group[:args.reference_slabs]},
+                                         threads=args.threads))
+    out.config.uncertainty_reference = refs
+    print(f"reference levels (95th percentile of the map over normal brains): "
+          f"{out.config.uncertainty_reference} ({time.perf_counter() - t0:.0f} s)",
+          file=sys.stderr, flush=True)
+    meta["uncertainty_reference"] = (f"{REFERENCE_QUANTILE} quantile of the map over "
+                                     f"{args.reference_slabs} normal slabs per pair, seed "
+                                     f"[{args.seed}, 1]")
     sha = save_unet(out, args.out, extra_metadata=meta)
     print(f"{args.out}: sha256 {sha}", file=sys.stderr)
     return 0

@@ -18,7 +18,11 @@ Units: intensity units of the synthetic image, which is normalised to [0, 1] (so
 the image's intensity range). The map is finite, >= 0 and exactly 0 outside the brain mask.
 
 The summary (:func:`summarise`) goes into the synthetic image's sidecar; the report warns when
-the share of uncertain brain exceeds :data:`OOD_SHARE` (input probably out of distribution).
+more than :data:`OOD_SHARE` of the brain lies above the pair's out-of-distribution threshold:
+the larger of :data:`THRESHOLD` and the level that only 5 % of a normal brain's map exceeds for
+that pair (``UNetConfig.uncertainty_reference``, :func:`synth7t.ood.reference_levels`). A
+fixed threshold alone flagged every normal 0.1 T T1w and FLAIR (their expected error is mostly
+the source's noise: 52-66 % of a held-out brain above 0.05) and no 5 T input.
 This module has no Nipype and no torch dependency.
 """
 from __future__ import annotations
@@ -27,7 +31,8 @@ import numpy as np
 
 #: A voxel is "uncertain" when its expected absolute error exceeds this ([0, 1] units).
 THRESHOLD = 0.05
-#: Share of uncertain brain voxels above which the input is flagged as out of distribution.
+#: Share of the brain above the out-of-distribution threshold (5 % in a normal brain when the
+#: model has a reference level) above which the input is flagged as out of distribution.
 OOD_SHARE = 0.25
 UNITS = "expected absolute error, intensity units of the [0, 1]-normalised synthetic image"
 METHOD = ("Laplace scale b from the network's uncertainty head (trained with the Laplace "
@@ -62,30 +67,50 @@ def add_saturation(uncertainty: np.ndarray, excess: np.ndarray | None,
     return uncertainty
 
 
-def summarise(uncertainty: np.ndarray, mask: np.ndarray, *,
-              threshold: float = THRESHOLD) -> dict:
+def ood_threshold(reference: float | None, threshold: float = THRESHOLD) -> float:
+    """The out-of-distribution threshold of a pair whose normal brains' map has 95th percentile
+    ``reference`` (``None``: unknown, the fixed ``threshold`` alone)."""
+    return float(max(threshold, reference or 0.0))
+
+
+def summarise(uncertainty: np.ndarray, mask: np.ndarray, *, threshold: float = THRESHOLD,
+              reference: float | None = None) -> dict:
     """Sidecar summary of an uncertainty map inside the brain mask.
+
+    Parameters
+    ----------
+    reference
+        The pair's ``UNetConfig.uncertainty_reference`` (95th percentile of the map over
+        normal brains), or ``None``.
 
     Returns
     -------
     dict
         ``UncertaintyMeanBrain`` (mean expected absolute error), ``UncertaintyP95Brain``,
         ``UncertainShareBrain`` (fraction of brain voxels above ``threshold``),
-        ``UncertaintyThreshold`` and ``UncertaintyOutOfDistribution`` (share > :data:`OOD_SHARE`).
+        ``UncertaintyThreshold``, ``UncertaintyOODThreshold`` (:func:`ood_threshold`),
+        ``UncertainShareAboveOODThreshold`` and ``UncertaintyOutOfDistribution`` (that share
+        > :data:`OOD_SHARE`).
     """
     sel = np.asarray(mask, bool)
     # the brain's voxels first, then float64: not a float64 copy of the whole 0.5 mm grid
     vals = np.asarray(uncertainty)[sel].astype(np.float64)
+    limit = ood_threshold(reference, threshold)
     if vals.size == 0:
         return {"UncertaintyMeanBrain": 0.0, "UncertaintyP95Brain": 0.0,
                 "UncertainShareBrain": 0.0, "UncertaintyThreshold": threshold,
+                "UncertaintyOODThreshold": round(limit, 6),
+                "UncertainShareAboveOODThreshold": 0.0,
                 "UncertaintyOutOfDistribution": False}
     share = float(np.mean(vals > threshold))
+    share_ood = float(np.mean(vals > limit))
     return {"UncertaintyMeanBrain": round(float(vals.mean()), 6),
             "UncertaintyP95Brain": round(float(np.percentile(vals, 95)), 6),
             "UncertainShareBrain": round(share, 6),
             "UncertaintyThreshold": threshold,
-            "UncertaintyOutOfDistribution": bool(share > OOD_SHARE)}
+            "UncertaintyOODThreshold": round(limit, 6),
+            "UncertainShareAboveOODThreshold": round(share_ood, 6),
+            "UncertaintyOutOfDistribution": bool(share_ood > OOD_SHARE)}
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -189,3 +189,35 @@ def test_folded_network_computes_the_same_function_for_its_pair():
     other = condition_vector("T1w", 0.1)[None].expand(2, -1)
     with torch.inference_mode():  # folded for FLAIR 3 T: another pair is not what it computes
         assert not torch.allclose(net(x, other), folded(x, other), atol=1e-4)
+
+
+def test_saving_a_network_gives_the_same_bytes_every_time(tmp_path):
+    """The safetensors writer orders the metadata by a per-map random hash: saved as it
+    writes it, one network gave up to six different files in six saves."""
+    from safetensors.torch import load_file
+
+    from synth7t.inference import save_unet
+
+    net = UNet25D(UNetConfig(n_slices=3, base=4, levels=2))
+    shas = {save_unet(net, tmp_path / f"m{i}.safetensors",
+                      extra_metadata={"version": "1.0.0", "name": "default"}) for i in range(6)}
+    assert len(shas) == 1
+    back = load_file(str(tmp_path / "m0.safetensors"))
+    assert all(torch.equal(back[k], v) for k, v in net.state_dict().items())
+
+
+def test_shipped_default_has_a_reference_level_for_every_pair():
+    """The App's out-of-distribution flag starts from each pair's own normal level."""
+    from synth7t.intensity import level_key
+    from synth7t.uncertainty import THRESHOLD, ood_threshold
+
+    reg = Registry.load()
+    refs = {}
+    for c in CONTRASTS:
+        for fb in SUPPORTED_BINS:
+            syn = load_synthesizer(reg.get(c, fb, "default"))
+            refs[(c, fb)] = syn.config.uncertainty_reference[level_key(c, fb)]
+    assert all(0 < r < 1 for r in refs.values())
+    # a normal 0.1 T source's expected error is mostly its noise: above the fixed threshold
+    assert ood_threshold(refs[("T1w", 0.1)]) > THRESHOLD >= ood_threshold(None)
+    assert ood_threshold(refs[("T1w", 5.0)]) == THRESHOLD

@@ -248,3 +248,19 @@ def test_graph_draws_the_mosaics_and_uncertainty_overlay_and_the_report_links_th
         contrast="T1w").run(cwd=str(tmp_path))
     assert all(Path(getattr(res.outputs, f"out_{k}")).stat().st_size == 0
                for k in ("axial", "coronal", "sagittal"))
+
+
+def test_uncertainty_warning_names_the_pairs_threshold_and_reads_older_sidecars():
+    from bids_app.report import uncertainty_warning
+
+    meta = {"UncertainShareBrain": 0.66, "UncertaintyThreshold": 0.05,
+            "UncertaintyOODThreshold": 0.114, "UncertainShareAboveOODThreshold": 0.04,
+            "UncertaintyOutOfDistribution": False}
+    assert uncertainty_warning("T1w", meta) is None  # a normal 0.1 T scan: noisy, not novel
+    meta.update(UncertainShareAboveOODThreshold=0.39, UncertaintyOutOfDistribution=True)
+    text = uncertainty_warning("T1w", meta)
+    assert "39 %" in text and "0.114" in text and "normal brain" in text
+    older = {"UncertainShareBrain": 0.3, "UncertaintyThreshold": 0.05,
+             "UncertaintyOutOfDistribution": True}
+    text = uncertainty_warning("FLAIR", older)
+    assert "30 %" in text and "0.05" in text and "normal brain" not in text

@@ -94,6 +94,35 @@ def test_novelty_detector_scales_the_head_beyond_its_quantile():
     assert np.median(u2[mask] / u0[mask]) > 5
 
 
+def test_reference_level_is_the_maps_quantile_over_normal_slabs_and_sets_the_flag():
+    """A pair's reference level is the 95th percentile of its map over normal slabs; the
+    out-of-distribution flag counts the brain above it (or above the fixed threshold, if
+    higher): a normal slab is not flagged, one whose map doubles everywhere is."""
+    from synth7t.ood import reference_levels
+    from synth7t.sources import Slab
+
+    vol, mask = _volume()
+    net = _net().eval()
+    ref = reference_levels(net, {("T2w", 0.1): [Slab(vol, vol, mask, "T2w", 0.1)]})
+    _, unc = UNetSynthesizer(net, contrast="T2w", field_bin=0.1).predict(
+        vol, mask, return_uncertainty=True)
+    assert set(ref) == {"T2w@0.1"}
+    assert ref["T2w@0.1"] == pytest.approx(np.quantile(unc[mask], 0.95), abs=1e-5)
+    for scale in (0.5, 20.0):  # the map well below and well above the fixed threshold
+        u = unc * np.float32(scale * U.THRESHOLD / ref["T2w@0.1"])
+        r = ref["T2w@0.1"] * scale * U.THRESHOLD / ref["T2w@0.1"]
+        normal = U.summarise(u, mask, reference=r)
+        assert normal["UncertaintyOODThreshold"] == pytest.approx(max(U.THRESHOLD, r), rel=1e-4)
+        assert normal["UncertainShareAboveOODThreshold"] <= 0.05 + 1e-6
+        assert not normal["UncertaintyOutOfDistribution"]
+        assert U.summarise(2 * u, mask, reference=r)["UncertaintyOutOfDistribution"] is (
+            r > U.THRESHOLD)
+    # without a reference: the fixed threshold, as before
+    plain = U.summarise(unc, mask)
+    assert plain["UncertaintyOODThreshold"] == U.THRESHOLD
+    assert plain["UncertainShareAboveOODThreshold"] == plain["UncertainShareBrain"]
+
+
 def test_models_without_a_head_say_so():
     vol, mask = _volume()
     syn = UNetSynthesizer(_net(uncertainty=False), contrast="T1w", field_bin=1.5)

@@ -628,13 +628,22 @@ class Synthesize(MemoryReleasingInterface):
         unc_file = str(Path(runtime.cwd) / f"uncertainty_{self.inputs.contrast}.nii.gz")
         save_image(unc, affine, unc_file, dtype=self.inputs.storage_dtype, code=MNI_CODE)
         self._results["out_uncertainty"] = unc_file
-        summary = summarise(unc, mask)
+        summary = summarise(unc, mask, reference=_uncertainty_reference(
+            synth, self.inputs.contrast, self.inputs.field_bin))
         summary["UncertaintyMethod"] = METHOD if self.inputs.tta else METHOD_NO_TTA
         if getattr(getattr(synth, "config", None), "ood_clusters", 0):
             summary["UncertaintyMethod"] += NOVELTY
         if excess is not None:
             summary["UncertaintyMethod"] += SATURATION
         self._results["uncertainty_summary"] = summary
+
+
+def _uncertainty_reference(synth, contrast: str, field_bin: float) -> float | None:
+    """The model's 95th percentile of the map over normal brains for this pair, if it has one."""
+    from synth7t.intensity import level_key
+
+    refs = getattr(getattr(synth, "config", None), "uncertainty_reference", None) or {}
+    return refs.get(level_key(contrast, field_bin))
 
 
 def _crop_to_nonzero(img, margin: int = 2):
