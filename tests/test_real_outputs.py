@@ -70,6 +70,11 @@ def test_every_synthetic_image_has_its_uncertainty_map(bids_3t_run, sub, contras
                               .read_text())
             assert 0 < meta["UncertaintyMeanBrain"] < 0.5
             assert 0 <= meta["UncertainShareBrain"] <= 1
+            # the pair's own threshold, never below the fixed one
+            assert meta["UncertaintyOODThreshold"] >= meta["UncertaintyThreshold"]
+            assert 0 <= meta["UncertainShareAboveOODThreshold"] <= meta["UncertainShareBrain"]
+            if sub == "01":  # a healthy real 3 T head is not out of distribution
+                assert meta["UncertaintyOutOfDistribution"] is False, meta
         ref_unc = np.asanyarray(nib.load(str(
             anat / f"sub-{sub}_space-MRIxFields_desc-uncertainty_{c}.nii.gz")).dataobj)
         ref_mask = np.asanyarray(nib.load(str(
