@@ -28,7 +28,7 @@ of copy-input and the baseline leaves.
   x 0.8, voxels and protocol parameters x 0.8 or 1.2): milder for the SNR, whose width-based
   band reaches down to the 1e-3 floor at 0.1 T, and much harsher for the narrow inversion and
   echo-time ranges (e.g. 3 T MPRAGE TI 882-918 ms -> 706-882 or 918-1102 ms), i.e. a protocol
-  that differs from the nominal one by a third or more;
+  up to about a fifth (TI) or 45 % (TE) from the nominal one;
 * ``texture``: a different texture/partial-volume model: the BrainWeb crisp label map (the
   Colin27 head as hard labels, no partial volume) with a synthetic random texture instead of
   the image-derived one.
