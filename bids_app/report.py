@@ -228,14 +228,15 @@ def _uncertainty_paths(paths: dict) -> tuple[Path | None, dict]:
 
 def uncertainty_warning(contrast: str, meta: dict) -> str | None:
     """Summary warning when too much of the brain is uncertain (input out of distribution)."""
-    from synth7t.uncertainty import OOD_SHARE
+    from synth7t.uncertainty import OOD_SHARE, REFERENCE_QUANTILE
 
     # maps written before the per-pair threshold carry only the fixed one
     share = meta.get("UncertainShareAboveOODThreshold", meta.get("UncertainShareBrain"))
     limit = meta.get("UncertaintyOODThreshold", meta.get("UncertaintyThreshold"))
     if share is None or not meta.get("UncertaintyOutOfDistribution"):
         return None
-    normal = "a normal brain: <= 5 %; " if "UncertaintyOODThreshold" in meta else ""
+    normal = (f"a normal brain: <= {100 * (1 - REFERENCE_QUANTILE):.0f} %; "
+              if "UncertaintyOODThreshold" in meta else "")
     return (f"{contrast}: {100 * share:.0f} % of the brain has an expected error above "
             f"{limit} ({normal}limit {100 * OOD_SHARE:.0f} %): the input is "
             "probably unlike the training data; check the synthetic image against the input")

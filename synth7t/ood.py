@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from .fields import CONTRASTS, SUPPORTED_BINS
 from .intensity import source_gain
 from .networks import UNet25D, UNetConfig, condition_vector, pair_index
+from .uncertainty import REFERENCE_QUANTILE
 
 PAD = 16
 
@@ -93,11 +94,6 @@ def fit(net: UNet25D, features: dict[tuple[str, float], np.ndarray], *, clusters
             out.ood_prec[idx] = torch.as_tensor(prec, dtype=torch.float32)
             out.ood_q[idx] = float(np.quantile(d2, quantile))
     return out.eval()
-
-
-#: Quantile of a pair's uncertainty map over normal brains that the App's out-of-distribution
-#: flag starts from (:func:`reference_levels`; :func:`synth7t.uncertainty.summarise`).
-REFERENCE_QUANTILE = 0.95
 
 
 def reference_levels(net: UNet25D, slabs: dict[tuple[str, float], list], *,
@@ -175,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     src = SimulatorSource(depth=12, roi_size=208, randomiser=randomiser,
                           extent=SimulatorSource(Simulator(icbm), depth=12).extent,
                           seed_offset=2 * 10 ** 9)
-    rng = np.random.default_rng(args.seed)
-    feats: dict[tuple[str, float], np.ndarray] = {}
     t0 = time.perf_counter()
     if args.reference_only:
         out, meta = net, {k: v for k, v in meta_in.items() if k == "ood"}
     else:
+        rng = np.random.default_rng(args.seed)
+        feats: dict[tuple[str, float], np.ndarray] = {}
         for c in CONTRASTS:
             for fb in SUPPORTED_BINS:
                 parts = []
@@ -205,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             refs.update(reference_levels(out, {(c, fb): group[:args.reference_slabs]},
                                          threads=args.threads))
     out.config.uncertainty_reference = refs
-    print(f"reference levels (95th percentile of the map over normal brains): "
+    print(f"reference levels ({REFERENCE_QUANTILE} quantile of the map over normal brains): "
           f"{out.config.uncertainty_reference} ({time.perf_counter() - t0:.0f} s)",
           file=sys.stderr, flush=True)
     meta["uncertainty_reference"] = (f"{REFERENCE_QUANTILE} quantile of the map over "

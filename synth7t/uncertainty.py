@@ -31,8 +31,12 @@ import numpy as np
 
 #: A voxel is "uncertain" when its expected absolute error exceeds this ([0, 1] units).
 THRESHOLD = 0.05
-#: Share of the brain above the out-of-distribution threshold (5 % in a normal brain when the
-#: model has a reference level) above which the input is flagged as out of distribution.
+#: Quantile of a pair's map over normal brains that its out-of-distribution threshold starts
+#: from (``UNetConfig.uncertainty_reference``, :func:`synth7t.ood.reference_levels`).
+REFERENCE_QUANTILE = 0.95
+#: Share of the brain above the out-of-distribution threshold (1 - :data:`REFERENCE_QUANTILE`
+#: in a normal brain when the model has a reference level) above which the input is flagged as
+#: out of distribution.
 OOD_SHARE = 0.25
 UNITS = "expected absolute error, intensity units of the [0, 1]-normalised synthetic image"
 METHOD = ("Laplace scale b from the network's uncertainty head (trained with the Laplace "
