@@ -120,6 +120,14 @@ def _level(multi: dict, contrast: str) -> float | None:
     return multi.get(contrast, {}).get("source_level")
 
 
+def _protocol(multi: dict, contrast: str) -> dict | None:
+    """The source protocol of ``contrast`` in a ``sample_all_contrasts`` render, as the App
+    reads it from a BIDS sidecar (models with protocol conditioning)."""
+    from synth7t.sources import source_protocol
+
+    return source_protocol(multi.get(contrast, {}).get("params"))
+
+
 def outside_physics(seed: int, frac: float = 0.2, rule: str = "width"):
     """The physics table with source draws from a band ``frac`` beyond the training ranges:
     ``frac`` of the range's width (``rule="width"``) or of its edge value (``"edge"``)."""
@@ -178,7 +186,8 @@ def score(sim, rois, reg, *, seed: int, methods: list[str], tta: bool | None, th
                         preds[m].append(syns[m].predict(src, mask))
                     else:
                         preds[m].append(syns[m].predict(src, mask, tta=tta, threads=threads,
-                                                        input_level=_level(multi, c)))
+                                                        input_level=_level(multi, c),
+                                                        protocol=_protocol(multi, c)))
             gt = np.concatenate(gts, axis=2)
             key = f"{c}@{bin_label(fb)}"
             results[key] = {}

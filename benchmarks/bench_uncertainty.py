@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_quality import CACHE, _level, _split, colin27_simulator, find_colin27  # noqa: E402
+from bench_quality import (CACHE, _level, _protocol, _split, colin27_simulator,  # noqa: E402
+                           find_colin27)
 
 #: in-plane 3x3 neighbourhood: slabs are only a few slices deep
 INPLANE = np.ones((3, 3, 1), bool)
@@ -49,7 +50,8 @@ INPLANE = np.ones((3, 3, 1), bool)
 
 def lesion_ratio(synth, src: np.ndarray, mask: np.ndarray, wm: np.ndarray, contrast: str, *,
                  tta: bool | None, threads: int, brain_voxels: int | None = None,
-                 input_level: float | None = None) -> tuple[float, float, float]:
+                 input_level: float | None = None,
+                 protocol: dict | None = None) -> tuple[float, float, float]:
     """(lesion mean uncertainty, normal-WM mean uncertainty, ratio) for one slab."""
     from scipy import ndimage as ndi
 
@@ -67,7 +69,7 @@ def lesion_ratio(synth, src: np.ndarray, mask: np.ndarray, wm: np.ndarray, contr
                                              radius=radius, contrast=contrast,
                                              brain_voxels=brain_voxels, excess=True)
     _, unc = synth.predict(lesioned, mask, tta=tta, threads=threads, return_uncertainty=True,
-                           input_level=input_level)
+                           input_level=input_level, protocol=protocol)
     add_saturation(unc, excess, mask)  # as the App's synthesis node does
     far = ndi.binary_dilation(lesion, structure=INPLANE, iterations=16)
     normal = core & ~far
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                 src, tgt, mask = _split(multi, c)
                 pred, unc = synth.predict(src, mask, tta=tta, threads=args.threads,
                                           return_uncertainty=True,
-                                          input_level=_level(multi, c))
+                                          input_level=_level(multi, c),
+                                          protocol=_protocol(multi, c))
                 add_saturation(unc, multi[c].get("source_excess"), mask)
                 us.append(unc[mask])
                 es.append(np.abs(pred - tgt)[mask])
@@ -144,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 fsrc, _, fmask = _split(flat, c)
                 lr.append(lesion_ratio(synth, fsrc, fmask, wm, c, tta=tta, threads=args.threads,
                                        brain_voxels=int(mask0.sum()),
-                                       input_level=_level(flat, c)))
+                                       input_level=_level(flat, c),
+                                       protocol=_protocol(flat, c)))
             u, e = np.concatenate(us), np.concatenate(es)
             key = f"{c}@{bin_label(fb)}"
             cal = decile_calibration(u, e)

@@ -159,7 +159,8 @@ class Synthesizer:
     def predict(self, volume: np.ndarray, mask: np.ndarray | None = None, *,
                 others: dict[str, np.ndarray] | None = None, batch_size: int = 4,
                 tta: bool = False, threads: int | None = None,
-                return_uncertainty: bool = False, input_level: float | None = None):
+                return_uncertainty: bool = False, input_level: float | None = None,
+                protocol: dict[str, float] | None = None):
         """Synthesise a 7T-like volume.
 
         Parameters
@@ -185,6 +186,10 @@ class Synthesizer:
             Mean (:func:`synth7t.intensity.brain_level`) of the whole brain
             ``volume`` belongs to, for models with input scaling run on part of a volume (a
             simulated slab); ``None`` measures it on ``volume`` inside ``mask``.
+        protocol
+            The source's acquisition protocol (``{"TR": ms, "TE": ms, "TI": ms, "FA": deg}``,
+            any subset; :func:`synth7t.io.protocol_from_sidecar`), read by models with protocol
+            conditioning; ``None``: not known.
 
         Returns
         -------
@@ -214,7 +219,7 @@ class BaselineSynthesizer(Synthesizer):
     def predict(self, volume: np.ndarray, mask: np.ndarray | None = None, *,
                 others: dict[str, np.ndarray] | None = None, batch_size: int = 4,
                 tta: bool = False, threads: int | None = None, return_uncertainty: bool = False,
-                input_level: float | None = None):
+                input_level: float | None = None, protocol: dict[str, float] | None = None):
         volume = np.asarray(volume, dtype=np.float32)
         mask = _prepare_mask(volume, mask)
         out = tissue_map(volume, mask, self.contrast, self.field_bin, self.params)
@@ -229,8 +234,9 @@ class UNetSynthesizer(Synthesizer):
         self.device = resolve_device(device)
         net = net.eval().to(self.device, memory_format=torch.channels_last)
         # a synthesiser serves one (contrast, field) pair: its FiLM affines become convolutions
-        # (with level conditioning, refolded for each volume's level: :meth:`_network`)
-        self._unfolded = net if net.config.level_condition else None
+        # (with level or protocol conditioning, refolded for each volume's: :meth:`_network`)
+        per_volume = net.config.level_condition or net.config.protocol_condition
+        self._unfolded = net if per_volume else None
         cond = net.condition(contrast, field_bin, level=None)
         # (conditioning, network folded with it), replaced as one pair, never mutated
         self._folded: tuple[torch.Tensor, UNet25D] = (cond, net.folded(cond))
@@ -270,7 +276,7 @@ class UNetSynthesizer(Synthesizer):
     def predict(self, volume: np.ndarray, mask: np.ndarray | None = None, *,
                 others: dict[str, np.ndarray] | None = None, batch_size: int = 4,
                 tta: bool = False, threads: int | None = None, return_uncertainty: bool = False,
-                input_level: float | None = None):
+                input_level: float | None = None, protocol: dict[str, float] | None = None):
         volume = np.asarray(volume, dtype=np.float32)
         mask = _prepare_mask(volume, mask)
         box = mask_bbox(mask)
@@ -291,7 +297,7 @@ class UNetSynthesizer(Synthesizer):
         out = np.zeros(src.shape, dtype=np.float32)
         unc = np.zeros(src.shape, dtype=np.float32) if want_unc else None
         zs = [z for z in range(src.shape[2]) if cmask[:, :, z].any()]
-        net, cond1 = self._network(input_level, volume, mask)
+        net, cond1 = self._network(input_level, volume, mask, protocol)
         cond1 = cond1.to(self.device)
         # Per batch, only the in-plane box holding every non-zero input of its slices (and of
         # their 2.5D neighbours) is run: the brain is round, so this skips ~1/3 of the pixels the
@@ -334,15 +340,16 @@ class UNetSynthesizer(Synthesizer):
         """The network folded with the conditioning of the last volume (or of none)."""
         return self._folded[1]
 
-    def _network(self, level: float | None, volume: np.ndarray,
-                 mask: np.ndarray) -> tuple[UNet25D, torch.Tensor]:
+    def _network(self, level: float | None, volume: np.ndarray, mask: np.ndarray,
+                 protocol: dict[str, float] | None = None) -> tuple[UNet25D, torch.Tensor]:
         """The folded network and conditioning for this volume (refolded when its level
         changes the conditioning). The call works on its own local pair, so threads sharing
         one synthesiser never run a network folded for another thread's volume."""
         cond, net = self._folded
         if self._unfolded is None:
             return net, cond
-        new = self._unfolded.condition(self.contrast, self.field_bin, level, volume, mask)
+        new = self._unfolded.condition(self.contrast, self.field_bin, level, volume, mask,
+                                       protocol)
         if not torch.equal(new, cond):
             net = self._unfolded.folded(new)
             self._folded = (new, net)

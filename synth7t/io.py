@@ -358,3 +358,27 @@ def sha256_file(path: str | os.PathLike, *, chunk_size: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk_size), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+#: BIDS sidecar fields of the acquisition protocol: (key of protocol conditioning, factor to the
+#: simulator's units). BIDS times are seconds, the simulator's milliseconds; flip angles degrees.
+SIDECAR_PROTOCOL = {"RepetitionTime": ("TR", 1000.0), "EchoTime": ("TE", 1000.0),
+                    "InversionTime": ("TI", 1000.0), "FlipAngle": ("FA", 1.0)}
+
+
+def protocol_from_sidecar(metadata: dict[str, Any] | None) -> dict[str, float] | None:
+    """The acquisition protocol a BIDS sidecar states, in milliseconds and degrees
+    (``{"TR": ..., "TE": ..., "TI": ..., "FA": ...}``, the fields it has), for networks with
+    protocol conditioning; ``None`` when it states none. A multi-echo ``EchoTime`` list gives
+    its first echo; a value that is not a positive number is left out (the network then treats
+    that parameter as nominal)."""
+    out: dict[str, float] = {}
+    for field, (key, factor) in SIDECAR_PROTOCOL.items():
+        val = (metadata or {}).get(field)
+        if isinstance(val, (list, tuple)):
+            val = val[0] if val else None
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            continue
+        if np.isfinite(val) and val > 0:
+            out[key] = float(val) * factor
+    return out or None

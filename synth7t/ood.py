@@ -51,7 +51,7 @@ def slab_features(net: UNet25D, slab, *, per_slab: int, rng: np.random.Generator
     X, Y, Z = src.shape
     px, py = (-X) % PAD, (-Y) % PAD
     cond = net.condition(slab.contrast, slab.field_bin, slab.source_level, slab.source,
-                         slab.mask)[None]
+                         slab.mask, slab.source_protocol)[None]
     feats = []
     with torch.inference_mode():
         for z in range(Z):
@@ -116,7 +116,8 @@ def reference_levels(net: UNet25D, slabs: dict[tuple[str, float], list], *,
         vals = []
         for slab in group:
             _, unc = syn.predict(slab.source, slab.mask, return_uncertainty=True,
-                                 input_level=slab.source_level, threads=threads)
+                                 input_level=slab.source_level, threads=threads,
+                                 protocol=slab.source_protocol)
             vals.append(unc[slab.mask])
         out[level_key(contrast, field)] = round(float(np.quantile(np.concatenate(vals),
                                                                   quantile)), 5)

@@ -248,6 +248,21 @@ class Physics:
         _check_contrast(contrast)
         return self.table["protocols"][contrast][field_key(field)]
 
+    def nominal_protocols(self) -> dict[str, dict[str, float]]:
+        """Nominal source protocol of every (contrast, source field bin) pair, keyed
+        ``"T1w@1.5"`` (:func:`synth7t.intensity.level_key`): what protocol conditioning
+        (:attr:`synth7t.networks.UNetConfig.protocol_condition`) measures sources against."""
+        from .fields import CONTRASTS, SUPPORTED_BINS
+        from .intensity import level_key
+
+        out = {}
+        for contrast in CONTRASTS:
+            for fb in SUPPORTED_BINS:
+                proto = self.protocol(contrast, fb)
+                out[level_key(contrast, fb)] = {k: float(v) for k, v in proto.items()
+                                                if k in ("TR", "TE", "TI", "FA")}
+        return out
+
     def protocol(self, contrast: str, field: float,
                  rng: np.random.Generator | None = None) -> dict[str, Any]:
         """Protocol parameters: nominal, or drawn uniformly in their ranges when ``rng`` is given.

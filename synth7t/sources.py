@@ -49,6 +49,18 @@ class Slab:
     #: mean of the whole normalised source brain the slab was cut from
     #: (:func:`synth7t.intensity.brain_level`); ``None``: measure it on the slab
     source_level: float | None = None
+    #: the source's acquisition protocol (``{"TR": ms, "TE": ms, "TI": ms, "FA": deg}``, any
+    #: subset; :func:`source_protocol`); ``None``: not known
+    source_protocol: dict[str, float] | None = None
+
+
+def source_protocol(params: dict | None) -> dict[str, float] | None:
+    """The protocol values of a simulated pair's ``params`` (its ``"source"`` draw)."""
+    from .networks import PROTOCOL_KEYS
+
+    proto = ((params or {}).get("source") or {}).get("protocol") or {}
+    out = {k: float(proto[k]) for k in PROTOCOL_KEYS if k in proto}
+    return out or None
 
 
 class SlabSource(Protocol):
@@ -70,7 +82,7 @@ def crop_to_mask(slab: Slab, margin: int = 4) -> Slab:
                          min(int(idx[-1]) + 1 + margin, slab.mask.shape[axis])))
     b = tuple(box)
     return Slab(slab.source[b].copy(), slab.target[b].copy(), slab.mask[b].copy(),
-                slab.contrast, slab.field_bin, slab.tag, slab.source_level)
+                slab.contrast, slab.field_bin, slab.tag, slab.source_level, slab.source_protocol)
 
 
 class SimulatorSource:
@@ -168,7 +180,8 @@ class SimulatorSource:
         tag = f"sim:{sim.anatomy.name}:{c}:{fb:g}:seed{seed}:" + ",".join(f"{s.start}-{s.stop}" for s in roi)
         return [crop_to_mask(Slab(np.asarray(pair["source"], np.float32),
                                   np.asarray(pair["target"], np.float32), mask, c, fb, tag=tag,
-                                  source_level=pair.get("source_level")))]
+                                  source_level=pair.get("source_level"),
+                                  source_protocol=source_protocol(pair.get("params"))))]
 
     def make_pair(self, rng: np.random.Generator, contrast: str, field_bin: float) -> list[Slab]:
         """A slab of a given (contrast, field): used to build balanced held-out sets."""
@@ -616,6 +629,11 @@ class PatchSampler:
         The network's :attr:`synth7t.networks.UNetConfig.level_condition`: each patch's
         conditioning gets its slab's level offset (:func:`synth7t.intensity.level_offset` of
         :attr:`Slab.source_level`), as inference conditions on the whole volume's.
+    protocol_condition
+        The network's :attr:`synth7t.networks.UNetConfig.protocol_condition`: each patch's
+        conditioning gets its slab's :attr:`Slab.source_protocol`, or "not known" with
+        probability ``protocol_dropout`` (and always for a slab without one), so that the
+        network also serves inputs without a sidecar (the challenge data).
     """
 
     def __init__(self, sources: list[tuple[SlabSource, float]], rng: np.random.Generator, *,
@@ -623,9 +641,13 @@ class PatchSampler:
                  refresh_every: int = 8, log: Callable[[str], None] | None = None,
                  input_gain: tuple[float, float] | None = None,
                  input_levels: dict[str, float] | None = None,
-                 level_condition: dict[str, float] | None = None) -> None:
+                 level_condition: dict[str, float] | None = None,
+                 protocol_condition: dict[str, dict[str, float]] | None = None,
+                 protocol_dropout: float = 0.3) -> None:
         self.input_levels = dict(input_levels or {})
         self.level_condition = dict(level_condition or {})
+        self.protocol_condition = dict(protocol_condition or {})
+        self.protocol_dropout = float(protocol_dropout)
         if input_gain is not None and not 0 < input_gain[0] <= input_gain[1]:
             raise ValueError(f"input_gain must be 0 < lo <= hi, got {input_gain}")
         self.input_gain = None if input_gain is None or input_gain[0] == input_gain[1] == 1 \
@@ -701,8 +723,12 @@ class PatchSampler:
             xs.append(x)
             ys.append(y)
             ms.append(m)
+            proto = slab.source_protocol
+            if self.protocol_condition and self.rng.random() < self.protocol_dropout:
+                proto = None
             cs.append(level_conditioned(self.level_condition, slab.contrast, slab.field_bin,
-                                        slab.source_level, slab.source, slab.mask))
+                                        slab.source_level, slab.source, slab.mask,
+                                        protocols=self.protocol_condition, protocol=proto))
         return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)),
                 torch.from_numpy(np.stack(ms)), torch.stack(cs))
 

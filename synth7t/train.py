@@ -129,7 +129,7 @@ def evaluate(net: UNet25D, slabs: list[Slab], *, batch_size: int = 8) -> dict:
     for slab in slabs:
         syn = UNetSynthesizer(net, contrast=slab.contrast, field_bin=slab.field_bin)
         pred = syn.predict(slab.source * slab.mask, slab.mask, batch_size=batch_size,
-                           input_level=slab.source_level)
+                           input_level=slab.source_level, protocol=slab.source_protocol)
         gt = slab.target * slab.mask
         src = slab.source * slab.mask
         key = f"{slab.contrast}@{bin_label(slab.field_bin)}"
@@ -220,6 +220,13 @@ class TrainConfig:
     #: intensity.BRAIN_MEAN_LEVELS`; a network initialised without it starts computing exactly
     #: what it did). Empty: none.
     level_condition: tuple[float, ...] = ()
+    #: Condition the network on the source protocol too (:attr:`synth7t.networks.UNetConfig
+    #: .protocol_condition`, nominal protocols from ``physics.json``; a network initialised
+    #: without it starts computing exactly what it did).
+    protocol_condition: bool = False
+    #: Share of training patches whose protocol is given as "not known" (inputs without a
+    #: sidecar, e.g. the challenge data, get what the network learned from these).
+    protocol_dropout: float = 0.3
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -279,6 +286,10 @@ class Trainer:
             keys = {level_key(c, f) for c in CONTRASTS for f in config.level_condition}
             self.net = self.net.with_level_condition(
                 {k: v for k, v in BRAIN_MEAN_LEVELS.items() if k in keys})
+        if config.protocol_condition:
+            from .physics import Physics
+
+            self.net = self.net.with_protocol_condition(Physics.load().nominal_protocols())
         self.net.to(self.device, memory_format=torch.channels_last).train()
         self.ema = copy.deepcopy(self.net).eval() if config.ema_decay > 0 else None
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=config.lr,

@@ -257,7 +257,8 @@ def test_synthesis_node_adds_the_inputs_clip_excess(tmp_path):
 def _images(contrasts, field=3.0):
     return {c: SimpleNamespace(path=Path(f"/data/bids/sub-01/anat/sub-01_{c}.nii.gz"),
                                relpath=f"sub-01/anat/sub-01_{c}.nii.gz",
-                               routing=route_field(field, where=c)) for c in contrasts}
+                               metadata={}, routing=route_field(field, where=c))
+            for c in contrasts}
 
 
 @pytest.mark.parametrize("on", [True, False])

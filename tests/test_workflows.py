@@ -62,7 +62,7 @@ def _images(contrasts, session=None, field=3.0):
     pre = f"sub-01_ses-{session}" if session else "sub-01"
     return {c: SimpleNamespace(path=Path(f"/data/bids/sub-01/{ses}anat/{pre}_{c}.nii.gz"),
                                relpath=f"sub-01/{ses}anat/{pre}_{c}.nii.gz",
-                               routing=route_field(field, where=c))
+                               metadata={}, routing=route_field(field, where=c))
             for c in contrasts}
 
 

@@ -8,6 +8,7 @@ from nipype.pipeline import engine as pe
 
 from synth7t import __version__
 from synth7t.fields import CONTRASTS
+from synth7t.io import protocol_from_sidecar
 
 from .anatomical import init_anat_preproc_wf, looks_stripped
 from .outputs import init_ds_anat_wf, init_ds_registration_wf, init_ds_synthesis_wf
@@ -206,7 +207,8 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
         contrasts=contrasts, anchor=anchor, models=models,
         field_bins={c: images[c].routing.bin for c in contrasts}, model_dir=model_dir,
         device=device, storage_dtype=storage_dtype, omp_nthreads=omp_nthreads,
-        uncertainty=uncertainty, tta=tta)
+        uncertainty=uncertainty, tta=tta,
+        protocols={c: protocol_from_sidecar(images[c].metadata) for c in contrasts})
     anchor_wf = anat_wfs[anchor]
     wf.connect([
         (anchor_wf, register_wf, [("outputnode.preproc", "inputnode.anchor_preproc"),

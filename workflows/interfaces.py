@@ -542,6 +542,10 @@ class _SynthesizeInputSpec(_ThreadsInputSpec):
     tta = traits.Bool(False, usedefault=True, desc="average with the left-right flipped pass")
     excess_file = File(exists=True, desc="the input's clip excess (PrepareSynthesisInput), added "
                                          "to the uncertainty map")
+    protocol = traits.Dict(traits.Str, traits.Float,
+                           desc="the input's acquisition protocol (synth7t.io."
+                                "protocol_from_sidecar: TR/TE/TI in ms, FA in degrees), read by "
+                                "models with protocol conditioning")
 
 
 class _SynthesizeOutputSpec(TraitedSpec):
@@ -591,9 +595,11 @@ class Synthesize(MemoryReleasingInterface):
                     c: np.asanyarray(_load(f).dataobj, dtype=np.float32)
                     for c, f in zip(self.inputs.other_contrasts, self.inputs.other_files)
                 }
+            protocol = (dict(self.inputs.protocol) if isdefined(self.inputs.protocol)
+                        and self.inputs.protocol else None)
             res = synth.predict(volume, mask, others=others, threads=self.inputs.omp_nthreads,
-                                tta=self.inputs.tta,
-                                return_uncertainty=self.inputs.uncertainty)
+                                tta=self.inputs.tta, return_uncertainty=self.inputs.uncertainty,
+                                protocol=protocol)
             out, unc = res if self.inputs.uncertainty else (res, None)
         if self.inputs.uncertainty and unc is None:
             raise RuntimeError(f"model {self.inputs.model_name} for {self.inputs.contrast} "

@@ -111,6 +111,7 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
                       field_bins: dict[str, float], model_dir: str | None = None,
                       device: str = "auto", storage_dtype: str = "uint16",
                       omp_nthreads: int = 1, uncertainty: bool = True, tta: bool | None = None,
+                      protocols: dict[str, dict[str, float] | None] | None = None,
                       name: str = "synthesis_wf"):
     """Synthesise 7T images: one synthesis node per contrast, models fixed at build time.
 
@@ -137,6 +138,9 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
         (:mod:`synth7t.uncertainty`).
     tta : bool, optional
         Left-right test-time flips (default :data:`synth7t.inference.DEFAULT_TTA`).
+    protocols : dict, optional
+        ``{contrast: protocol}`` of :func:`synth7t.io.protocol_from_sidecar` (``None``: the
+        sidecar states none), for models with protocol conditioning.
     name : str
         Workflow name.
 
@@ -205,6 +209,8 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
             name=f"synthesize_{lc}", n_procs=omp_nthreads, mem_gb=3.0)
         if model_dir:
             synth.inputs.model_dir = str(model_dir)
+        if (protocols or {}).get(c):
+            synth.inputs.protocol = dict(protocols[c])
         others = [o for o in choice.others if o in contrasts and o != c]
         if others:
             synth.inputs.other_contrasts = others

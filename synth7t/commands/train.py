@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "when it is inflated (default: none; the shipped 2.3.0 was trained with "
                         "0.1, and a network initialised from one that has it keeps its own; at "
                         "1.5-5 T the mean follows the tissue proportions more than the noise)")
+    m.add_argument("--protocol-condition", action="store_true",
+                   help="also condition the network on the source's protocol (TR, TE, TI, flip "
+                        "angle as log ratios to physics.json's nominal values; recorded in the "
+                        "weights): the App reads them from the BIDS sidecar. A network "
+                        "initialised without it starts computing exactly what it did")
+    m.add_argument("--protocol-dropout", type=float, default=0.3, metavar="P",
+                   help="share of patches trained with the protocol 'not known', as inputs "
+                        "without a sidecar arrive (default: 0.3)")
     m.add_argument("--ema-decay", type=float, default=0.999, help="0 disables the weight EMA")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0)
@@ -185,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = [f for f in args.level_condition if f not in SUPPORTED_BINS]
     if bad:
         print(f"synth7t-train: --level-condition {bad}: not a field bin {SUPPORTED_BINS}",
+              file=sys.stderr)
+        return 64
+    if not 0.0 <= args.protocol_dropout <= 1.0:
+        print(f"synth7t-train: --protocol-dropout {args.protocol_dropout}: not in [0, 1]",
               file=sys.stderr)
         return 64
     if args.pretrain_unpaired:
@@ -276,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                       ema_decay=args.ema_decay, input_gain=tuple(args.input_gain),
                       input_scaling=args.input_scaling,
                       level_condition=tuple(args.level_condition),
+                      protocol_condition=args.protocol_condition,
+                      protocol_dropout=args.protocol_dropout,
                       warmup=20 if init_net is not None else 100)
 
     # Held-out set: simulated with seeds offset far from training seeds when the simulator is
@@ -296,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
                             pool_size=cfg.pool_size, refresh_every=cfg.refresh_every, log=_log,
                             input_gain=cfg.input_gain,
                             input_levels=trainer.net.config.input_levels,
-                            level_condition=trainer.net.config.level_condition)
+                            level_condition=trainer.net.config.level_condition,
+                            protocol_condition=trainer.net.config.protocol_condition,
+                            protocol_dropout=cfg.protocol_dropout)
 
     trainer = Trainer(cfg, sampler_factory, args.out, val=val, init_net=init_net, log=_log)
     if args.resume:
