@@ -370,6 +370,13 @@ def _input_text(weights: Path) -> str:
                  "synth7t.intensity.level_offset): the input keeps its 99.8th-percentile scale, "
                  "which noise inflates, and the network is told how far the brain's mean sits "
                  "from where training had it")
+    if cfg.protocol_condition:
+        text += ("; its conditioning also carries the source protocol (log(TR, TE, TI, flip "
+                 "angle / the pair's nominal value), bounded, and a 'known' flag; "
+                 "Architecture.config.protocol_condition; synth7t.networks.protocol_features), "
+                 "which the BIDS App reads from the input's sidecar (RepetitionTime, EchoTime, "
+                 "InversionTime, FlipAngle); trained with the protocol 'not known' on 30 % of "
+                 "patches, as inputs without a sidecar (the challenge data) arrive")
     return text
 
 

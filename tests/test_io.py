@@ -385,3 +385,15 @@ def test_sha256_file(tmp_path):
     p = tmp_path / "f.bin"
     p.write_bytes(b"abc" * 1000)
     assert sha256_file(p) == hashlib.sha256(b"abc" * 1000).hexdigest()
+
+
+def test_protocol_from_sidecar_converts_bids_units_and_skips_what_is_not_a_number():
+    from synth7t.io import protocol_from_sidecar
+
+    meta = {"RepetitionTime": 2.3, "EchoTime": [0.00411, 0.008], "InversionTime": 0.925,
+            "FlipAngle": 9, "MagneticFieldStrength": 3}
+    got = protocol_from_sidecar(meta)
+    assert got == pytest.approx({"TR": 2300.0, "TE": 4.11, "TI": 925.0, "FA": 9.0})
+    assert protocol_from_sidecar({"EchoTime": "0.1", "RepetitionTime": -1, "FlipAngle": True,
+                                  "InversionTime": float("nan")}) is None
+    assert protocol_from_sidecar({}) is None and protocol_from_sidecar(None) is None

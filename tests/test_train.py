@@ -192,6 +192,100 @@ def test_sampler_conditions_each_patch_on_its_slabs_level():
             assert torch.allclose(cond[:, N_COND], torch.tensor([expect] * 2, dtype=torch.float32))
 
 
+def test_protocol_features_are_bounded_log_ratios_with_a_known_flag():
+    from synth7t.networks import N_PROTOCOL, PROTOCOL_BOUND, protocol_features
+    from synth7t.physics import Physics
+
+    nominal = Physics.load().nominal_protocols()["T1w@3"]
+    assert protocol_features(nominal, None) == [0.0] * N_PROTOCOL  # not known
+    assert protocol_features(None, {"TR": 2300.0}) == [0.0] * N_PROTOCOL
+    assert protocol_features(nominal, dict(nominal)) == [0.0] * (N_PROTOCOL - 1) + [1.0]
+    got = protocol_features(nominal, {"TR": nominal["TR"] * 1.2, "TE": -1.0,
+                                      "TI": nominal["TI"] * 1000})
+    assert got[0] == pytest.approx(np.log(1.2))
+    assert got[1] == 0.0 and got[3] == 0.0  # a bad value and a missing one count as nominal
+    assert got[2] == PROTOCOL_BOUND and got[-1] == 1.0  # a wrong unit is bounded
+    # T2w has no inversion or flip angle: those stay 0 whatever the sidecar says
+    t2 = protocol_features(Physics.load().nominal_protocols()["T2w@5"],
+                           {"TR": 3200.0, "TE": 80.0, "TI": 900.0, "FA": 90.0})
+    assert t2[0] == 0.0 and t2[1] == pytest.approx(np.log(0.8)) and t2[2:4] == [0.0, 0.0]
+
+
+def test_protocol_condition_starts_as_the_same_network_and_then_reads_the_protocol():
+    """A network given protocol conditioning (after level conditioning) computes what it did
+    until trained; then each volume is conditioned on its own protocol, and "not known" is the
+    same as not giving one."""
+    from synth7t.intensity import BRAIN_MEAN_LEVELS
+    from synth7t.networks import N_COND, N_PROTOCOL, UNet25D, UNetConfig
+    from synth7t.physics import Physics
+
+    torch.manual_seed(0)
+    net = UNet25D(UNetConfig(n_slices=3, base=4, levels=2)).eval()
+    with torch.no_grad():
+        for prm in net.parameters():
+            torch.nn.init.normal_(prm, std=0.1)
+    net = net.with_level_condition(BRAIN_MEAN_LEVELS)
+    with torch.no_grad():
+        for block in list(net.down) + list(net.up):
+            block.film.weight[:, N_COND].normal_(0, 0.5)
+    src, _, mask = _phantom(3)
+    proto = {"TR": 2000.0, "TE": 4.5, "TI": 1100.0, "FA": 8.0}
+    plain = UNetSynthesizer(net, contrast="T1w", field_bin=1.5).predict(src, mask)
+    pnet = net.with_protocol_condition(Physics.load().nominal_protocols())
+    assert pnet.config.n_cond == N_COND + 1 + N_PROTOCOL
+    syn = UNetSynthesizer(pnet, contrast="T1w", field_bin=1.5)
+    assert np.allclose(syn.predict(src, mask, protocol=proto), plain, atol=1e-5)
+    cond = pnet.condition("T1w", 1.5, None, src, mask, proto)
+    # the level keeps its slot (its trained weights stay with it), the protocol follows
+    assert cond[N_COND] == net.condition("T1w", 1.5, None, src, mask)[N_COND]
+    assert cond[N_COND + 2] == pytest.approx(np.log(4.5 / 3.5)) and cond[-1] == 1.0
+
+    with torch.no_grad():  # as if trained
+        for block in list(pnet.down) + list(pnet.up):
+            block.film.weight[:, N_COND + 1:].normal_(0, 0.5)
+    syn = UNetSynthesizer(pnet, contrast="T1w", field_bin=1.5)
+    known, unknown = syn.predict(src, mask, protocol=proto), syn.predict(src, mask)
+    assert not np.allclose(known, unknown, atol=1e-3)
+    assert np.array_equal(syn.predict(src, mask, protocol=None), unknown)
+    assert np.array_equal(UNetSynthesizer(pnet, contrast="T1w", field_bin=1.5).predict(
+        src, mask, protocol=proto), known)
+
+
+@pytest.mark.parametrize("dropout, known", [(0.0, 1.0), (1.0, 0.0)])
+def test_sampler_gives_each_patch_its_slabs_protocol_or_not_known(dropout, known):
+    from synth7t.networks import N_COND, N_PROTOCOL
+    from synth7t.physics import Physics
+
+    nominals = Physics.load().nominal_protocols()
+    s, t, m = _phantom(7)
+    with_proto = Slab(s, t, m, "T2w", 3.0, source_protocol={"TR": 3200.0, "TE": 120.0})
+    without = Slab(s, t, m, "T2w", 3.0)
+    sampler = PatchSampler([(_PhantomSource(), 1.0)], np.random.default_rng(5), n_slices=3,
+                           patch=32, pool_size=1, refresh_every=0,
+                           protocol_condition=nominals, protocol_dropout=dropout)
+    sampler.pool = [with_proto]
+    cond = sampler.batch(3)[3]
+    assert cond.shape == (3, N_COND + N_PROTOCOL)
+    assert torch.all(cond[:, -1] == known)
+    if known:
+        assert torch.allclose(cond[:, N_COND + 1], torch.tensor(float(np.log(1.2))))
+    sampler.pool = [without]
+    assert torch.all(sampler.batch(2)[3][:, N_COND:] == 0)
+
+
+def test_simulated_slabs_carry_their_source_protocol():
+    from synth7t.sources import SimulatorSource, source_protocol
+    from synth7t.simulate import Simulator
+
+    sim = Simulator.from_icbm152()
+    src = SimulatorSource(sim, depth=4, roi_size=64, fields=[3.0], contrasts=["T1w"])
+    slab = src.make(np.random.default_rng(0))[0]
+    assert set(slab.source_protocol) == {"TR", "TE", "TI", "FA"}
+    assert source_protocol({"source": {"protocol": {"sequence": "tse", "TR": 3000.0}}}) == \
+        {"TR": 3000.0}
+    assert source_protocol({}) is None
+
+
 def test_ssim_matches_skimage():
     from skimage.metrics import structural_similarity
 

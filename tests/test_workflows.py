@@ -121,6 +121,23 @@ def test_template_brain_extraction_is_single_threaded():
     assert strip.n_procs == 1 and strip.interface.inputs.omp_nthreads == 1
 
 
+def test_synthesis_nodes_get_the_protocol_their_sidecar_states():
+    """Models with protocol conditioning read TR/TE/TI/FA (ms, degrees) from the sidecar; an
+    image whose sidecar states none leaves the node's input undefined ("not known")."""
+    from nipype.interfaces.base import isdefined
+
+    images = _images(["T1w", "T2w"], None)
+    images["T1w"].metadata = {"RepetitionTime": 2.3, "EchoTime": 0.003, "InversionTime": 0.9,
+                              "FlipAngle": 9, "MagneticFieldStrength": 3}
+    item = SimpleNamespace(subject="01", session=None, images=images)
+    wf = base.init_synth7t_wf(sessions=[item], output_dir="/out", registry=FakeRegistry(),
+                              omp_nthreads=1, device="cpu")
+    t1 = wf.get_node("sub_01_wf.synthesis_wf.synthesize_t1w").interface.inputs.protocol
+    assert t1 == {"TR": 2300.0, "TE": 3.0, "TI": 900.0, "FA": 9.0}
+    assert not isdefined(wf.get_node("sub_01_wf.synthesis_wf.synthesize_t2w").interface
+                         .inputs.protocol)
+
+
 # --------------------------------------------------------------------------- option matrix
 @pytest.mark.parametrize("contrasts, session, mode", list(itertools.product(
     CONTRAST_SETS, [None, "pre"], ["auto", "force", "skip"])))
@@ -172,7 +189,7 @@ def test_two_participants_one_graph():
              for s in ("01", "02")]
     items[1].images = {c: SimpleNamespace(path=Path(str(i.path).replace("01", "02")),
                                           relpath=i.relpath.replace("01", "02"),
-                                          routing=i.routing)
+                                          metadata={}, routing=i.routing)
                        for c, i in items[1].images.items()}
     wf = base.init_synth7t_wf(sessions=items, output_dir="/out", registry=FakeRegistry())
     subs = {n.split(".")[0] for n in wf.list_node_names()}
