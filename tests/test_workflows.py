@@ -136,6 +136,18 @@ def test_synthesis_nodes_get_the_protocol_their_sidecar_states():
     assert t1 == {"TR": 2300.0, "TE": 3.0, "TI": 900.0, "FA": 9.0}
     assert not isdefined(wf.get_node("sub_01_wf.synthesis_wf.synthesize_t2w").interface
                          .inputs.protocol)
+    # the synthetic image's sidecar says what a protocol-conditioned model was told
+    from workflows.outputs import synthesis_metadata
+
+    routing = images["T1w"].routing
+    meta = synthesis_metadata(contrast="T1w", routing=routing, model_provenance={},
+                              source_protocol=t1, reads_protocol=True)
+    assert meta["SourceProtocol"] == t1
+    assert "not stated" in synthesis_metadata(contrast="T1w", routing=routing,
+                                              model_provenance={}, reads_protocol=True
+                                              )["SourceProtocol"]
+    assert "SourceProtocol" not in synthesis_metadata(contrast="T1w", routing=routing,
+                                                      model_provenance={}, source_protocol=t1)
 
 
 # --------------------------------------------------------------------------- option matrix

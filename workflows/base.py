@@ -268,7 +268,9 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
             anchor_file=str(a_img.path), routing=img.routing,
             model_provenance=models[c].provenance, storage_dtype=storage_dtype,
             write_ref_mask=c == anchor, provenance=provenance,
-            uncertainty=has_uncertainty(models[c], uncertainty))
+            uncertainty=has_uncertainty(models[c], uncertainty),
+            source_protocol=protocol_from_sidecar(img.metadata),
+            reads_protocol=models[c].protocol)
         if has_uncertainty(models[c], uncertainty):
             wf.connect([
                 (synthesis_wf, ds_synth, [(f"outputnode.{lc}_ref_unc", "inputnode.ref_unc"),

@@ -444,9 +444,11 @@ def init_ds_registration_wf(*, output_dir, anchor: str, anchor_relpath: str,
     return wf
 
 
-def synthesis_metadata(*, contrast: str, routing, model_provenance: dict) -> dict:
-    """Sidecar keys of a synthetic 7T image."""
-    return {
+def synthesis_metadata(*, contrast: str, routing, model_provenance: dict,
+                       source_protocol: dict | None = None, reads_protocol: bool = False) -> dict:
+    """Sidecar keys of a synthetic 7T image; ``SourceProtocol`` (what a model with protocol
+    conditioning was told: ms and degrees from the input's sidecar) when ``reads_protocol``."""
+    meta = {
         "MagneticFieldStrength": 7,
         "SourceMagneticFieldStrength": routing.raw,
         "SourceFieldBin": routing.bin,
@@ -454,13 +456,18 @@ def synthesis_metadata(*, contrast: str, routing, model_provenance: dict) -> dic
         "SynthesisModel": model_provenance,
         "IntensityScale": "[0, 1]; exactly 0 outside the brain mask",
     }
+    if reads_protocol:
+        meta["SourceProtocol"] = (dict(source_protocol) if source_protocol else
+                                  "not stated in the input's sidecar (the model's 'not known')")
+    return meta
 
 
 def init_ds_synthesis_wf(*, output_dir, contrast: str, source_relpath: str, source_file: str,
                          anchor: str, anchor_relpath: str, anchor_file: str, routing,
                          model_provenance: dict, storage_dtype: str = "uint16",
                          write_ref_mask: bool = False, provenance: dict | None = None,
-                         uncertainty: bool = False, name: str | None = None):
+                         uncertainty: bool = False, source_protocol: dict | None = None,
+                         reads_protocol: bool = False, name: str | None = None):
     """Store the reference-space input, the synthetic 7T image (reference and native space).
 
     Parameters
@@ -484,6 +491,10 @@ def init_ds_synthesis_wf(*, output_dir, contrast: str, source_relpath: str, sour
     uncertainty : bool
         Also store the uncertainty maps (``desc-uncertainty``, reference and native grid) and
         put their summary into the synthetic images' sidecars.
+    source_protocol : dict, optional
+        The input's protocol (:func:`synth7t.io.protocol_from_sidecar`).
+    reads_protocol : bool
+        The model is conditioned on it: the sidecars record it (``SourceProtocol``).
 
     Inputs
     ------
@@ -516,7 +527,9 @@ def init_ds_synthesis_wf(*, output_dir, contrast: str, source_relpath: str, sour
     space_meta = {"SpatialReference": REF_SPATIAL_REFERENCE, "Resolution": REF_RESOLUTION,
                   "StorageDataType": storage_dtype}
     synth_meta = synthesis_metadata(contrast=contrast, routing=routing,
-                                    model_provenance=model_provenance)
+                                    model_provenance=model_provenance,
+                                    source_protocol=source_protocol,
+                                    reads_protocol=reads_protocol)
 
     ds_ref_preproc = _sink(
         output_dir, "ds_ref_preproc", space=REF_SPACE, desc="preproc",

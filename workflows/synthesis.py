@@ -31,6 +31,7 @@ class ModelChoice:
     fallback: bool = False  # True when the baseline replaced a missing default model
     others: tuple[str, ...] = ()  # other contrasts a multi-contrast model takes as input
     uncertainty: bool = False  # the network has an uncertainty head
+    protocol: bool = False  # the network is conditioned on the source protocol (sidecar)
 
 
 PASSTHROUGH_PROVENANCE = {
@@ -100,7 +101,8 @@ def select_model(registry, contrast: str, routing, *, model_name: str = "default
                            sha256=str(getattr(entry, "sha256", "") or ""),
                            provenance=_json_safe(prov), fallback=bool(i),
                            others=_model_others(cfg),
-                           uncertainty=bool((cfg or {}).get("uncertainty", False)))
+                           uncertainty=bool((cfg or {}).get("uncertainty", False)),
+                           protocol=bool((cfg or {}).get("protocol_condition")))
     raise ModelNotFoundError(
         f"no synthesis model for {contrast} at {bin_label(routing.bin)} "
         f"({'; '.join(errors)}); add one with --model-dir"
