@@ -30,7 +30,8 @@ from .fields import CONTRASTS, SUPPORTED_BINS
 from .intensity import level_key, level_offset
 
 #: Size of the conditioning vector: one-hot field bin + one-hot contrast (networks with level
-#: conditioning append one value, :func:`synth7t.intensity.level_offset`).
+#: conditioning append one value, :func:`synth7t.intensity.level_offset`, then networks with
+#: protocol conditioning :data:`N_PROTOCOL` more, :func:`protocol_features`).
 N_COND_FIELDS, N_COND_CONTRASTS = len(SUPPORTED_BINS), len(CONTRASTS)
 N_COND = N_COND_FIELDS + N_COND_CONTRASTS
 
