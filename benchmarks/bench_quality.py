@@ -156,8 +156,10 @@ def outside_physics(seed: int, frac: float = 0.2, rule: str = "width"):
 
 
 def score(sim, rois, reg, *, seed: int, methods: list[str], tta: bool | None, threads: int,
-          cand=None, log_prefix: str = "") -> dict:
-    """nRMSE/SSIM/PSNR per pair and method on ``rois`` of ``sim``'s renders."""
+          cand=None, log_prefix: str = "", protocol: bool = True) -> dict:
+    """nRMSE/SSIM/PSNR per pair and method on ``rois`` of ``sim``'s renders (``protocol``:
+    networks with protocol conditioning are told each render's protocol, as the App tells them
+    a sidecar's; ``False``: "not known", as for the challenge data)."""
     from synth7t import metrics
     from synth7t.fields import CONTRASTS, SUPPORTED_BINS, bin_label
     from synth7t.inference import load_synthesizer
@@ -187,7 +189,8 @@ def score(sim, rois, reg, *, seed: int, methods: list[str], tta: bool | None, th
                     else:
                         preds[m].append(syns[m].predict(src, mask, tta=tta, threads=threads,
                                                         input_level=_level(multi, c),
-                                                        protocol=_protocol(multi, c)))
+                                                        protocol=_protocol(multi, c)
+                                                        if protocol else None))
             gt = np.concatenate(gts, axis=2)
             key = f"{c}@{bin_label(fb)}"
             results[key] = {}
@@ -224,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="test-time flips (default: the shipped default)")
     p.add_argument("--robustness", action="store_true",
                    help="also the outside-the-training-ranges and texture/partial-volume tables")
+    p.add_argument("--no-protocol", action="store_true",
+                   help="withhold each render's protocol from models with protocol "
+                        "conditioning (inputs without a sidecar, e.g. the challenge data)")
     p.add_argument("--outside-band", choices=("width", "edge"), default="width",
                    help="'20 %% beyond the training ranges' as 20 %% of each range's width "
                    "(default) or of its edge value")
@@ -270,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = ["copy", "baseline", "model"] + (["cand"] if cand is not None else [])
     model_kind = reg.get("T1w", 3.0).kind
     results = score(sim, rois, reg, seed=args.seed, methods=methods, tta=tta,
+                    protocol=not args.no_protocol,
                     threads=args.threads, cand=cand)
 
     where = "whole volumes" if args.full else (
@@ -277,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(str(r[2].start) for r in rois)
         + " (spread over the central 25-75 % of the brain's z-range)")
     print(f"# Quality on Colin27 (never used in training), {where}, seed {args.seed}; "
-          f"default model kind: {model_kind}; TTA {'on' if tta else 'off'}; {os.cpu_count()} "
+          f"default model kind: {model_kind}; TTA {'on' if tta else 'off'}"
+          f"{'; protocols withheld' if args.no_protocol else ''}; {os.cpu_count()} "
           f"CPUs ({platform.machine()}), {args.threads} torch threads; "
           f"{time.perf_counter() - t0:.0f} s (anatomy {t_anat:.0f} s)")
     head = " | ".join(f"{m} nRMSE | {m} SSIM | {m} PSNR" for m in methods)
@@ -315,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name, (desc, vsim) in variants.items():
             res = score(vsim, rois, reg, seed=args.seed + 7, methods=["copy", "model"], tta=tta,
+                        protocol=not args.no_protocol,
                         threads=args.threads, log_prefix=f"{name} ")
             robust[name] = res
             print(f"\n# Robustness ({name}): {desc}; Colin27, same slabs; model must beat "
@@ -334,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"results": results, "mean": mean, "where": where,
                                          "seed": args.seed, "tta": tta,
                                          "all_targets_met": all_met, "robustness": robust,
-                                         "outside_band": args.outside_band},
+                                         "outside_band": args.outside_band,
+                                         "protocol_withheld": args.no_protocol},
                                         indent=1))
     return 0
 

@@ -121,21 +121,33 @@ def test_template_brain_extraction_is_single_threaded():
     assert strip.n_procs == 1 and strip.interface.inputs.omp_nthreads == 1
 
 
-def test_synthesis_nodes_get_the_protocol_their_sidecar_states():
+def test_synthesis_nodes_get_the_protocol_their_sidecar_states(monkeypatch):
     """Models with protocol conditioning read TR/TE/TI/FA (ms, degrees) from the sidecar; an
-    image whose sidecar states none leaves the node's input undefined ("not known")."""
+    image whose sidecar states none, or a model that does not read it, leaves the node's input
+    undefined ("not known", and the node's cache key free of the sidecar)."""
     from nipype.interfaces.base import isdefined
 
+    from workflows import synthesis
+
     images = _images(["T1w", "T2w"], None)
-    images["T1w"].metadata = {"RepetitionTime": 2.3, "EchoTime": 0.003, "InversionTime": 0.9,
-                              "FlipAngle": 9, "MagneticFieldStrength": 3}
+    sidecar = {"RepetitionTime": 2.3, "EchoTime": 0.003, "InversionTime": 0.9, "FlipAngle": 9,
+               "MagneticFieldStrength": 3}
+    images["T1w"].metadata = dict(sidecar)
     item = SimpleNamespace(subject="01", session=None, images=images)
+
+    def protocol_of(node):
+        return wf.get_node(f"sub_01_wf.synthesis_wf.synthesize_{node}").interface.inputs.protocol
+
     wf = base.init_synth7t_wf(sessions=[item], output_dir="/out", registry=FakeRegistry(),
                               omp_nthreads=1, device="cpu")
-    t1 = wf.get_node("sub_01_wf.synthesis_wf.synthesize_t1w").interface.inputs.protocol
+    assert not isdefined(protocol_of("t1w"))  # the fake models do not read it
+    monkeypatch.setattr(synthesis, "_unet_config",
+                        lambda entry: {"protocol_condition": {"T1w@3": {"TR": 2300.0}}})
+    wf = base.init_synth7t_wf(sessions=[item], output_dir="/out", registry=FakeRegistry(),
+                              omp_nthreads=1, device="cpu")
+    t1 = protocol_of("t1w")
     assert t1 == {"TR": 2300.0, "TE": 3.0, "TI": 900.0, "FA": 9.0}
-    assert not isdefined(wf.get_node("sub_01_wf.synthesis_wf.synthesize_t2w").interface
-                         .inputs.protocol)
+    assert not isdefined(protocol_of("t2w"))
     # the synthetic image's sidecar says what a protocol-conditioned model was told
     from workflows.outputs import synthesis_metadata
 

@@ -142,7 +142,7 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
         Left-right test-time flips (default :data:`synth7t.inference.DEFAULT_TTA`).
     protocols : dict, optional
         ``{contrast: protocol}`` of :func:`synth7t.io.protocol_from_sidecar` (``None``: the
-        sidecar states none), for models with protocol conditioning.
+        sidecar states none), given to the models with protocol conditioning.
     name : str
         Workflow name.
 
@@ -211,7 +211,9 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
             name=f"synthesize_{lc}", n_procs=omp_nthreads, mem_gb=3.0)
         if model_dir:
             synth.inputs.model_dir = str(model_dir)
-        if (protocols or {}).get(c):
+        if choice.protocol and (protocols or {}).get(c):
+            # only a model that reads it gets it: the node's cache key stays the sidecar-free
+            # one for every other model
             synth.inputs.protocol = dict(protocols[c])
         others = [o for o in choice.others if o in contrasts and o != c]
         if others:
