@@ -203,12 +203,13 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
         wf.connect(inputnode, c.lower(), anat_wfs[c], "inputnode.in_file")
 
     register_wf = init_register_wf(anchor=anchor, others=others, seed=seed)
+    protocols = {c: protocol_from_sidecar(images[c].metadata) for c in contrasts}
     synthesis_wf = init_synthesis_wf(
         contrasts=contrasts, anchor=anchor, models=models,
         field_bins={c: images[c].routing.bin for c in contrasts}, model_dir=model_dir,
         device=device, storage_dtype=storage_dtype, omp_nthreads=omp_nthreads,
         uncertainty=uncertainty, tta=tta,
-        protocols={c: protocol_from_sidecar(images[c].metadata) for c in contrasts})
+        protocols=protocols)
     anchor_wf = anat_wfs[anchor]
     wf.connect([
         (anchor_wf, register_wf, [("outputnode.preproc", "inputnode.anchor_preproc"),
@@ -269,7 +270,7 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
             model_provenance=models[c].provenance, storage_dtype=storage_dtype,
             write_ref_mask=c == anchor, provenance=provenance,
             uncertainty=has_uncertainty(models[c], uncertainty),
-            source_protocol=protocol_from_sidecar(img.metadata),
+            source_protocol=protocols[c],
             reads_protocol=models[c].protocol)
         if has_uncertainty(models[c], uncertainty):
             wf.connect([
