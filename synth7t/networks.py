@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from .fields import CONTRASTS, SUPPORTED_BINS
 from .intensity import level_key, level_offset
+from .physics import PROTOCOL_KEYS  # the conditioning reads these, in this order
 
 #: Size of the conditioning vector: one-hot field bin + one-hot contrast (networks with level
 #: conditioning append one value, :func:`synth7t.intensity.level_offset`, then networks with
@@ -96,8 +97,6 @@ def level_conditioned(levels: dict[str, float] | None, contrast: str, field_bin:
     return condition_vector(contrast, field_bin, offset, feats)
 
 
-#: Acquisition parameters of protocol conditioning, in the simulator's units (ms, degrees).
-PROTOCOL_KEYS = ("TR", "TE", "TI", "FA")
 #: Values protocol conditioning adds: one per :data:`PROTOCOL_KEYS`, then "known" (1 or 0).
 N_PROTOCOL = len(PROTOCOL_KEYS) + 1
 #: Bound of each protocol value, ``log(value / nominal)``: a factor e either way, beyond any

@@ -30,6 +30,8 @@ PHYSICS_JSON = Path(__file__).parent / "data" / "physics.json"
 #: Fields with protocols in the table (sources plus the 7 T target).
 PROTOCOL_FIELDS: tuple[float, ...] = (0.1, 1.5, 3.0, 5.0, 7.0)
 TARGET_FIELD = 7.0
+#: Numeric parameters of a protocol (:meth:`Physics.protocol`), in ms and degrees.
+PROTOCOL_KEYS = ("TR", "TE", "TI", "FA")
 
 
 @dataclass(frozen=True)
@@ -258,9 +260,7 @@ class Physics:
         out = {}
         for contrast in CONTRASTS:
             for fb in SUPPORTED_BINS:
-                proto = self.protocol(contrast, fb)
-                out[level_key(contrast, fb)] = {k: float(v) for k, v in proto.items()
-                                                if k in ("TR", "TE", "TI", "FA")}
+                out[level_key(contrast, fb)] = protocol_values(self.protocol(contrast, fb))
         return out
 
     def protocol(self, contrast: str, field: float,
@@ -365,3 +365,9 @@ def _check_contrast(contrast: str) -> None:
 def _default_physics() -> Physics:
     with open(PHYSICS_JSON, encoding="utf-8") as fh:
         return Physics(json.load(fh))
+
+
+def protocol_values(protocol: dict[str, Any] | None) -> dict[str, float]:
+    """The numeric parameters (:data:`PROTOCOL_KEYS`) of a protocol as
+    :meth:`Physics.protocol` gives it (the sequence name and readout left out)."""
+    return {k: float(protocol[k]) for k in PROTOCOL_KEYS if k in (protocol or {})}

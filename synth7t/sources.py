@@ -29,7 +29,7 @@ import torch
 
 from .fields import CONTRASTS, SUPPORTED_BINS, bin_label
 from .intensity import brain_level, normalise, source_gain
-from .networks import PROTOCOL_KEYS, level_conditioned
+from .networks import level_conditioned
 
 #: MRIxFields modality names -> BIDS suffixes.
 MRIX_TO_BIDS = {"T1W": "T1w", "T2W": "T2w", "T2FLAIR": "FLAIR"}
@@ -56,9 +56,9 @@ class Slab:
 
 def source_protocol(params: dict | None) -> dict[str, float] | None:
     """The protocol values of a simulated pair's ``params`` (its ``"source"`` draw)."""
-    proto = ((params or {}).get("source") or {}).get("protocol") or {}
-    out = {k: float(proto[k]) for k in PROTOCOL_KEYS if k in proto}
-    return out or None
+    from .physics import protocol_values
+
+    return protocol_values(((params or {}).get("source") or {}).get("protocol")) or None
 
 
 class SlabSource(Protocol):
