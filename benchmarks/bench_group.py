@@ -44,11 +44,18 @@ def _figure_png(seed: int) -> bytes:
     return buf.getvalue()
 
 
+#: The generated study's protocol (ms, degrees), as run records carry it.
+PROTOCOLS = {"T1w": {"TR": 2300.0, "TE": 2.98, "TI": 900.0, "FA": 9.0},
+             "T2w": {"TR": 3200.0, "TE": 408.0, "FA": 120.0}}
+
+
 def make_study(root: Path, n: int = 200, *, seed: int = 0, doubled: str | None = "007",
-               not_run: int = 3, thumbnails: bool = True) -> tuple[Path, Path]:
+               off_protocol: str | None = "013", not_run: int = 3,
+               thumbnails: bool = True) -> tuple[Path, Path]:
     """Write ``root/bids`` (folders only) and ``root/out`` (records, sidecars, figures).
 
-    Returns (bids_dir, out_dir). Participant ``doubled`` gets twice the typical brain volume;
+    Returns (bids_dir, out_dir). Participant ``doubled`` gets twice the typical brain volume,
+    ``off_protocol`` a T1w inversion time of 1100 ms for the study's 900;
     labels 3 and 5 (mod 50) are refused, 11 crashed; the last ``not_run`` have no record.
     """
     rnd = random.Random(seed)
@@ -100,6 +107,8 @@ def make_study(root: Path, n: int = 200, *, seed: int = 0, doubled: str | None =
                     "contrast": c, "session": None,
                     "source": f"sub-{label}/anat/sub-{label}_{c}.nii.gz",
                     "field": {"raw": 3, "bin": 3.0, "source": "sidecar", "passthrough": False},
+                    "protocol": dict(PROTOCOLS[c], **({"TI": 1100.0} if label == off_protocol
+                                                      and c == "T1w" else {})),
                     "model": {"Name": "default", "Version": "1.0.0"},
                     "derivatives": {"synth": f"{stem}.nii.gz"},
                     "qc": {"BrainVolumeML": round(volume, 2), "RegistrationDice": round(dice, 4),

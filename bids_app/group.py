@@ -11,7 +11,9 @@ report figures) and recomputes nothing. It writes, at the top of the derivatives
     (:mod:`bids_app.qc`: ``BrainVolumeML``, ``RegistrationDice``, per contrast
     ``<C>_NoiseReduction``, ``<C>_TissueAgreementDice``), every other numeric value found in the
     run record's ``qc`` or at the top level of the synthetic image's sidecar (``<C>_<key>``, e.g.
-    ``T1w_UncertaintyMeanBrain``), run time, and the outlier flags. Missing values are ``n/a``.
+    ``T1w_UncertaintyMeanBrain``), the input's protocol from its BIDS sidecar (``<C>_TR_ms``,
+    ``<C>_TE_ms``, ``<C>_TI_ms``, ``<C>_FA_deg``: a participant scanned off the study's protocol
+    is an outlier there), run time, and the outlier flags. Missing values are ``n/a``.
 ``group_qc.json``
     A BIDS-style description of every column (``Description``, ``Units``, ``Levels``).
 ``group.html``
@@ -60,6 +62,13 @@ SESSION_QC = ("BrainVolumeML", "RegistrationDice")
 #: Numeric sidecar keys that are provenance, not QC.
 SIDECAR_SKIP = {"MagneticFieldStrength", "SourceMagneticFieldStrength", "SourceFieldBin",
                 "RandomSeed", "UncertaintyThreshold", "UncertaintyOODThreshold"}
+#: The input's acquisition protocol (run record ``inputs[].protocol``, from its BIDS sidecar):
+#: column suffix, description, units. A participant scanned off the study's protocol stands out
+#: as an outlier of these columns.
+PROTOCOL_COLUMNS = {"TR": ("TR_ms", "repetition time (RepetitionTime of its sidecar)", "ms"),
+                    "TE": ("TE_ms", "echo time (EchoTime; the first echo of a list)", "ms"),
+                    "TI": ("TI_ms", "inversion time (InversionTime)", "ms"),
+                    "FA": ("FA_deg", "flip angle (FlipAngle)", "deg")}
 STATUSES = ("ok", "partial", "refused", "crashed", "not run")
 GROUP_FILES = ("group_qc.tsv", "group_qc.json", "group.html")
 
@@ -231,6 +240,9 @@ def rows_of_record(rec: dict, out_dir: Path) -> dict[str | None, Row]:
             for k, x in qc.items():
                 if k not in SESSION_QC:
                     v[f"{c}_{k}"] = x
+            for k, x in (i.get("protocol") or {}).items():
+                if k in PROTOCOL_COLUMNS and _is_number(x):
+                    v[f"{c}_{PROTOCOL_COLUMNS[k][0]}"] = x
             for k, x in _sidecar_numbers(out_dir, i.get("derivatives") or {}).items():
                 v.setdefault(f"{c}_{k}", x)
         rows[session] = Row(v, thumb=_thumbnail_source(out_dir, label, session, items))
@@ -435,7 +447,11 @@ def describe_columns(columns: list[str]) -> dict:
             desc += " (run record, logs/sub-<label>/run-<uuid>.json: inputs[].qc)"
         else:
             contrast, _, key = c.partition("_")
-            if key in QC_DESCRIPTIONS:
+            proto = {col: (d, u) for col, d, u in PROTOCOL_COLUMNS.values()}
+            if key in proto:
+                desc, units = proto[key]
+                desc = f"{contrast} input's {desc} (run record: inputs[].protocol)"
+            elif key in QC_DESCRIPTIONS:
                 desc, units = QC_DESCRIPTIONS[key]
                 desc = f"{contrast}: {desc} (run record: inputs[].qc)"
             else:

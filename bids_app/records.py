@@ -11,6 +11,8 @@ import logging
 import time
 from pathlib import Path
 
+from synth7t.io import protocol_from_sidecar
+
 from .exitcodes import EX_NODE_CRASHED, EX_OK, OUTCOME_NAMES, worst_exit_code
 from .workflow import executed_nodes, expected_outputs
 
@@ -49,6 +51,9 @@ def build_run_info(subject, sub_items, models, errs, crashed, opts, common, end_
             inputs.append({
                 "contrast": c, "session": it.session, "source": img.relpath,
                 "field": img.routing.as_dict(),
+                # ms and degrees, every input (not only for a protocol-conditioned model): the
+                # group table compares protocols across the study
+                "protocol": protocol_from_sidecar(img.metadata),
                 "model": choice.provenance if choice else None,
                 "model_card": None,
                 "warnings": list(conform_warnings),

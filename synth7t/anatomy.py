@@ -27,6 +27,12 @@ from scipy import ndimage as ndi
 
 from synth7t.reference import REF_AFFINE, REF_SHAPE
 
+#: ``synth7t-train``'s (and ``python -m synth7t.ood``'s) default per-brain ranges of the
+#: partial-volume sharpening and the CSF change (``synth7t.sources.RandomAnatomies``'
+#: ``sharpness`` and ``csf_change``): the shipped models' training randomisation.
+TRAINING_PV_SHARPNESS = (1.0, 3.0)
+TRAINING_CSF_CHANGE = (-0.5, 1.5)
+
 LOG = logging.getLogger(__name__)
 
 Roi = tuple[slice, slice, slice]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .anatomy import TRAINING_CSF_CHANGE, TRAINING_PV_SHARPNESS
 from .fields import CONTRASTS, SUPPORTED_BINS
 from .intensity import source_gain
 from .networks import UNet25D, UNetConfig, condition_vector, pair_index
@@ -143,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="normal slabs per pair for the map's reference level (reference_levels)")
     p.add_argument("--reference-only", action="store_true",
                    help="keep the network's fitted clusters; only add the reference levels")
+    p.add_argument("--pv-sharpness", nargs=2, type=float, default=list(TRAINING_PV_SHARPNESS),
+                   metavar=("LO", "HI"), help="partial-volume sharpening of the normal brains, "
+                   "as synth7t-train's (models up to 2.4.0 were fitted with 1 1: off)")
+    p.add_argument("--csf-change", nargs=2, type=float, default=list(TRAINING_CSF_CHANGE),
+                   metavar=("LO", "HI"), help="CSF change of the normal brains, as "
+                   "synth7t-train's (models up to 2.4.0: 0 0)")
     args = p.parse_args(argv)
 
     from safetensors import safe_open
@@ -168,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     icbm = from_icbm152()
     anats = [icbm] + [load_anatomy(a) for a in args.anatomies]
     # normal anatomy: the training randomisation without lesion blobs
-    randomiser = RandomAnatomies(anats, lesion_probability=0.0)
+    randomiser = RandomAnatomies(anats, lesion_probability=0.0,
+                                 sharpness=tuple(args.pv_sharpness),
+                                 csf_change=tuple(args.csf_change))
     src = SimulatorSource(depth=12, roi_size=208, randomiser=randomiser,
                           extent=SimulatorSource(Simulator(icbm), depth=12).extent,
                           seed_offset=2 * 10 ** 9)

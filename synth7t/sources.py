@@ -408,6 +408,9 @@ class PairSpec:
     field_bin: float
     mask: Path | np.ndarray | None = None
     tag: str = ""
+    #: the source's protocol from its BIDS sidecar (:func:`synth7t.io.protocol_from_sidecar`);
+    #: ``None``: not known (MRIxFields ships no sidecars)
+    protocol: dict[str, float] | None = None
 
 
 def _load_array(x) -> np.ndarray:
@@ -458,7 +461,8 @@ class VolumePairSource:
         b = (slice(None), slice(None), slice(z0, z0 + depth))
         p = self.pairs[i]
         return [crop_to_mask(Slab(src[b], tgt[b], mask[b], p.contrast, p.field_bin,
-                                  tag=f"{p.tag}:z{z0}", source_level=level))]
+                                  tag=f"{p.tag}:z{z0}", source_level=level,
+                                  source_protocol=p.protocol))]
 
 
 _MRIX_RE = re.compile(r"^P_(T1W|T2W|T2FLAIR)_([0-9.]+T)_(\w+?)\.nii(\.gz)?$")
@@ -513,6 +517,7 @@ def bids_pairs(bids_dir: str | Path, work_dir: str | Path, *,
     import nibabel as nib
 
     from .fields import FieldStrengthError, route_field
+    from .io import protocol_from_sidecar
     from .preprocess import ants_register
 
     bids_dir, work_dir = Path(bids_dir), Path(work_dir)
@@ -529,15 +534,16 @@ def bids_pairs(bids_dir: str | Path, work_dir: str | Path, *,
         except FieldStrengthError:
             continue
         sub = img.name.split("_")[0]
-        found.setdefault((sub, suffix), []).append((7.0 if routing.passthrough else routing.bin, img))
+        found.setdefault((sub, suffix), []).append(
+            (7.0 if routing.passthrough else routing.bin, img, protocol_from_sidecar(sidecar)))
     out = []
     for (sub, suffix), items in sorted(found.items()):
-        targets = [p for f, p in items if f == 7.0]
+        targets = [p for f, p, _ in items if f == 7.0]
         if not targets:
             continue
         fixed_path = targets[0]
         fixed = ants.image_read(str(fixed_path))
-        for fb, mov_path in items:
+        for fb, mov_path, protocol in items:
             if fb == 7.0:
                 continue
             stem = f"{sub}_{suffix}_{bin_label(fb)}"
@@ -556,7 +562,7 @@ def bids_pairs(bids_dir: str | Path, work_dir: str | Path, *,
             # is what the challenge data (skull-stripped) would give.
             tgt = np.asarray(nib.as_closest_canonical(nib.load(str(tgt_path))).dataobj, np.float32)
             out.append(PairSpec(src_path, tgt_path, suffix, fb, mask=(tgt > 0),
-                                tag=f"bids:{stem}"))
+                                tag=f"bids:{stem}", protocol=protocol))
     return out
 
 

@@ -129,22 +129,39 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def decile_calibration(uncertainty: np.ndarray, abs_error: np.ndarray,
-                       n_bins: int = 10) -> list[dict]:
+                       n_bins: int = 10, *, signed_error: np.ndarray | None = None) -> list[dict]:
     """Mean predicted uncertainty and mean absolute error per quantile bin of the uncertainty.
 
     A calibrated, useful map gives a mean absolute error that rises with the bin (and, ideally,
-    close to the predicted value, since the map is an expected absolute error).
+    close to the predicted value, since the map is an expected absolute error). With
+    ``signed_error`` (prediction - target) each bin also gets its mean signed error: a bin whose
+    absolute error is mostly one offset holds a level error shared by its voxels (see
+    :func:`offset_share`), which no per-voxel ordering within it can rank.
     """
     u = np.asarray(uncertainty, np.float64).ravel()
     e = np.asarray(abs_error, np.float64).ravel()
+    s = None if signed_error is None else np.asarray(signed_error, np.float64).ravel()
     order = np.argsort(u, kind="stable")
     out = []
     for i, idx in enumerate(np.array_split(order, n_bins)):
         if idx.size == 0:
             continue
-        out.append({"bin": i + 1, "mean_uncertainty": float(u[idx].mean()),
-                    "mean_abs_error": float(e[idx].mean()), "voxels": int(idx.size)})
+        row = {"bin": i + 1, "mean_uncertainty": float(u[idx].mean()),
+               "mean_abs_error": float(e[idx].mean()), "voxels": int(idx.size)}
+        if s is not None:
+            row["mean_signed_error"] = float(s[idx].mean())
+        out.append(row)
     return out
+
+
+def offset_share(rows: list[dict]) -> float:
+    """Share of the mean absolute error that is each calibration bin's mean signed error
+    (:func:`decile_calibration` with ``signed_error``): 0 when the errors within every bin
+    cancel (noise-like), 1 when every voxel of a bin is off by the same amount (a level error)."""
+    n = np.array([r["voxels"] for r in rows], np.float64)
+    mae = float((n * [r["mean_abs_error"] for r in rows]).sum())
+    off = float((n * np.abs([r["mean_signed_error"] for r in rows])).sum())
+    return off / mae if mae > 0 else 0.0
 
 
 def is_monotonic(rows: list[dict], key: str = "mean_abs_error") -> bool:

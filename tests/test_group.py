@@ -203,6 +203,10 @@ def test_group_on_generated_study(capsys, tmp_path):
     flagged = [r["participant_id"] for r in rows if "BrainVolumeML(" in r["outliers"]]
     assert flagged == ["sub-007"]
     assert float(by["sub-007"]["BrainVolumeML"]) > 1.8 * float(by["sub-008"]["BrainVolumeML"])
+    # the input's protocol, per contrast; the one participant off the study's protocol stands out
+    assert float(by["sub-001"]["T1w_TI_ms"]) == 900 and float(by["sub-002"]["T2w_TE_ms"]) == 408
+    assert "T2w_TI_ms" not in by["sub-001"]  # no T2w input states one: no column
+    assert [r["participant_id"] for r in rows if "T1w_TI_ms(" in r["outliers"]] == ["sub-013"]
     # generic pick-up of numeric sidecar keys, per contrast
     assert by["sub-001"]["T1w_UncertaintyMeanBrain"] != "n/a"
     assert by["sub-001"]["T1w_UncertaintyOutOfDistribution"] == "true"
@@ -213,6 +217,7 @@ def test_group_on_generated_study(capsys, tmp_path):
     assert set(desc) == set(rows[0])
     assert all(d.get("Description") for d in desc.values())
     assert "robust z" in desc["outliers"]["Description"]
+    assert desc["T1w_TI_ms"]["Units"] == "ms" and "InversionTime" in desc["T1w_TI_ms"]["Description"]
     page = (out / "group.html").read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # no network
     assert page.count('src="data:image/jpeg;base64,') == 25  # 27 records - 2 refused
@@ -332,7 +337,10 @@ def test_study_with_broken_participants_end_to_end(tmp_path, bids_3t):
     for label in ("good1", "good2", *BROKEN):
         d = bids / f"sub-{label}" / "anat"
         d.mkdir(parents=True)
-        shutil.copy(src / "sub-02_T1w.json", d / f"sub-{label}_T1w.json")
+        side = json.loads((src / "sub-02_T1w.json").read_text())
+        if label == "good1":  # a protocol in BIDS units, for the run record to carry
+            side.update(RepetitionTime=2.25, EchoTime=0.00411, InversionTime=0.925, FlipAngle=9)
+        (d / f"sub-{label}_T1w.json").write_text(json.dumps(side))
         t1 = d / f"sub-{label}_T1w.nii.gz"
         shutil.copy(src / "sub-02_T1w.nii.gz", t1)
         t1.chmod(0o644)
@@ -373,6 +381,11 @@ def check_first_run(returncode: int, text: str, out: Path) -> None:
         info = json.loads(next((out / "logs" / f"sub-{label}").glob("run-*.json")).read_text())
         qc = info["inputs"][0]["qc"]
         assert 900 < qc["BrainVolumeML"] < 2000 and qc["RegistrationDice"] > 0.8, qc
+        proto = info["inputs"][0]["protocol"]
+        if label == "good1":
+            assert proto == pytest.approx({"TR": 2250, "TE": 4.11, "TI": 925, "FA": 9}), proto
+        else:
+            assert proto is None, proto  # sub-02's sidecar states no protocol
         assert -1 < qc["NoiseReduction"] < 1 and 0 < qc["TissueAgreementDice"] <= 1, qc
 
 

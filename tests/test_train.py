@@ -11,6 +11,7 @@ import torch
 from synth7t.commands.train import main as train_main
 from synth7t.inference import UNetSynthesizer, load_synthesizer
 from synth7t.registry import Registry, sha256_file
+from synth7t.sources import VolumePairSource
 from synth7t.train import (PatchSampler, Slab, TrainConfig, Trainer, bids_pairs,
                            mrixfields_pairs, ssim_map, synthesis_loss)
 
@@ -501,9 +502,14 @@ def test_finetune_on_bids_sessions(tmp_path):
         img = bids / "sub-01" / f"ses-{ses}" / "anat" / f"sub-01_ses-{ses}_T1w.nii.gz"
         _save(arr, img)
         img.with_name(img.name.replace(".nii.gz", ".json")).write_text(
-            json.dumps({"MagneticFieldStrength": b0}))
+            json.dumps({"MagneticFieldStrength": b0, "RepetitionTime": 1.9 if b0 < 7 else 3.0,
+                        "EchoTime": 0.0025}))
     pairs = bids_pairs(bids, tmp_path / "work")
     assert len(pairs) == 1 and pairs[0].field_bin == 1.5 and pairs[0].contrast == "T1w"
+    # the source's own protocol (its sidecar, ms), for protocol-conditioned training
+    assert pairs[0].protocol == pytest.approx({"TR": 1900.0, "TE": 2.5})
+    slab = VolumePairSource(pairs, depth=4).make(np.random.default_rng(0))[0]
+    assert slab.source_protocol == pairs[0].protocol
     reg = nib.load(str(pairs[0].source)).get_fdata()
     # the rigid registration undid the 1-voxel shift: correlation with the 7T image improves
     before = np.corrcoef(src.ravel(), tgt.ravel())[0, 1]

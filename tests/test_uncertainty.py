@@ -156,6 +156,18 @@ def test_summary_and_statistics():
     assert U.largest_dip([{"bin": i + 1, "mean_abs_error": i} for i in range(4)]) == (0.0, 0)
 
 
+def test_offset_share_separates_a_level_error_from_noise():
+    """A bin-wide offset counts in full, zero-mean noise hardly at all."""
+    rng = np.random.default_rng(3)
+    unc = rng.uniform(size=20000)
+    noise = rng.normal(scale=0.01, size=unc.size)
+    for signed, lo, hi in ((noise, 0.0, 0.05), (noise + 0.05, 0.95, 1.0)):
+        rows = U.decile_calibration(unc, np.abs(signed), signed_error=signed)
+        assert all("mean_signed_error" in r for r in rows)
+        assert lo <= U.offset_share(rows) <= hi
+    assert "mean_signed_error" not in U.decile_calibration(unc, np.abs(noise))[0]
+
+
 def test_lesion_insertion_changes_only_the_ball():
     img = np.full((30, 30, 10), 0.6, np.float32)
     region = np.ones(img.shape, bool)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from synth7t.anatomy import TRAINING_CSF_CHANGE, TRAINING_PV_SHARPNESS
 from synth7t.intensity import INPUT_SCALINGS
 
 
@@ -56,10 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-randomise", action="store_true",
                    help="plain simulator: no label/texture/relaxation randomisation, "
                         "physics.json ranges instead of the widened training ranges")
-    d.add_argument("--pv-sharpness", nargs=2, type=float, default=[1.0, 3.0], metavar=("LO", "HI"),
+    d.add_argument("--pv-sharpness", nargs=2, type=float, default=list(TRAINING_PV_SHARPNESS),
+                   metavar=("LO", "HI"),
                    help="range of the per-brain partial-volume sharpening exponent (1 1: off; "
                         "synth7t.sources.sharpen_partial_volume)")
-    d.add_argument("--csf-change", nargs=2, type=float, default=[-0.5, 1.5], metavar=("LO", "HI"),
+    d.add_argument("--csf-change", nargs=2, type=float, default=list(TRAINING_CSF_CHANGE),
+                   metavar=("LO", "HI"),
                    help="range of the per-brain widening (> 0) or narrowing (< 0) of the CSF "
                         "spaces (0 0: off; synth7t.sources.change_csf)")
     d.add_argument("--mrixfields", type=Path, metavar="DIR",
