@@ -243,6 +243,15 @@ def uncertainty_warning(contrast: str, meta: dict) -> str | None:
 
 
 # --------------------------------------------------------------------------- sections
+
+def _protocol_text(protocol: dict | None) -> str:
+    """``TR 2250 ms, TE 4.11 ms, TI 925 ms, FA 9 deg`` (run record ``inputs[].protocol``)."""
+    if not protocol:
+        return "not stated"
+    units = {"TR": "ms", "TE": "ms", "TI": "ms", "FA": "deg"}
+    return ", ".join(f"{k} {v:g} {units[k]}" for k, v in protocol.items() if k in units)
+
+
 def _summary(run_info: dict, participant: str, versions: dict, warnings: list[str]) -> str:
     start, end = _parse_time(run_info.get("start_time")), _parse_time(run_info.get("end_time"))
     runtime = "unknown"
@@ -303,12 +312,14 @@ def _summary(run_info: dict, participant: str, versions: dict, warnings: list[st
                                           else fbin),
                 _get(field, "source", default="?")
                 + (" (7 T pass-through)" if _get(field, "passthrough") else ""),
+                _protocol_text(item.get("protocol")),
                 _get(model, "name", default="none"), _get(model, "version", default="?"),
                 "yes" if kind == "baseline" or _get(model, "baseline") else "no",
             )) + f"<td><code>{_esc(_get(model, 'sha256', default='?'))}</code></td></tr>")
     if model_rows:
         out.append("<h3>Field routing and models</h3><table><tr><th>Input</th>"
-                   "<th>Field (raw)</th><th>Bin</th><th>From</th><th>Model</th><th>Version</th>"
+                   "<th>Field (raw)</th><th>Bin</th><th>From</th><th>Protocol (sidecar)</th>"
+                   "<th>Model</th><th>Version</th>"
                    "<th>Baseline</th><th>SHA-256</th></tr>" + "".join(model_rows) + "</table>")
     out.append("<h3>Software</h3>" + _table(sorted(versions.items())))
     out.append('<h3 id="warnings">Warnings and errors</h3>')

@@ -69,6 +69,7 @@ def make_derivatives(out_dir: Path, label: str = "01", contrasts=("T1w", "FLAIR"
             "session": None,
             "source": f"sub-{label}/anat/sub-{label}_{contrast}.nii.gz",
             "field": {"raw": 2.89, "bin": 3.0, "source": "sidecar", "passthrough": False},
+            "protocol": {"TR": 2250.0, "TE": 4.11, "TI": 925.0, "FA": 9.0} if k == 0 else None,
             "model": {"Name": "default" if k == 0 else "baseline",
                       "Kind": "unet" if k == 0 else "baseline", "Version": "0.1.0",
                       "SHA256": "ab" * 32, "File": f"{contrast}_3T.safetensors",
@@ -113,7 +114,8 @@ def test_report_written(report):
         assert f.is_file() and f.stat().st_size > 1000, src
         assert f.parent == path.parent / "sub-01" / "figures"
     for needle in ("2.89 T", "3 T", "sidecar", "ab" * 32, "baseline", "PSNR", "27.31",
-                   "qform and sform disagree", "NaN voxels", "4 min 05 s", "nibabel"):
+                   "qform and sform disagree", "NaN voxels", "4 min 05 s", "nibabel",
+                   "TR 2250 ms, TE 4.11 ms, TI 925 ms, FA 9 deg", "not stated"):
         assert needle in text, needle
     assert "http://" not in text and "https://" not in text  # no network at view time
     # no temp files left behind
