@@ -492,6 +492,21 @@ def test_train_export_load_and_finetune_on_mrixfields(tmp_path, mrix_tree):
     assert any("initialised from" in d for d in ft_card["TrainingData"].split("; "))
     load_synthesizer(Registry.load(ft).get("T1w", 1.5))
 
+    # --head-only: the uncertainty head learns, every other weight stays to the bit
+    from safetensors.torch import load_file
+
+    head = tmp_path / "head"
+    assert train_main(["--mrixfields", str(mrix_tree), "--out", str(head), "--steps", "4",
+                       "--checkpoint-every", "2", "--init-from", "mine", "--model-dir",
+                       str(first), "--head-only", "--lr", "1e-2", *TINY]) == 0
+    before, after = load_file(first / "model.safetensors"), load_file(head / "model.safetensors")
+    assert before.keys() == after.keys()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("unc_head.") for k in moved), moved
+    assert "uncertainty head" in json.loads((head / "model_card.json").read_text())["TrainingData"]
+    assert train_main(["--mrixfields", str(mrix_tree), "--out", str(tmp_path / "x"),
+                       "--steps", "2", "--head-only", *TINY]) == 64  # nothing to freeze
+
 
 def test_finetune_on_bids_sessions(tmp_path):
     bids = tmp_path / "bids"

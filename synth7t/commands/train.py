@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-uncertainty", action="store_true",
                    help="no uncertainty head (per-voxel expected absolute error)")
     m.add_argument("--unc-weight", type=float, default=0.1, help="weight of the Laplace NLL")
+    m.add_argument("--head-only", action="store_true",
+                   help="with --init-from: train only the uncertainty head, every other weight "
+                        "frozen byte for byte (recalibrates the map on new data; the synthetic "
+                        "images do not change)")
     m.add_argument("--level-weight", type=float, default=0.5,
                    help="weight of the tissue-level loss (relative error of 4 mm block means; "
                         "0: off, as for models before 2.2.0)")
@@ -202,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"synth7t-train: --protocol-dropout {args.protocol_dropout}: not in [0, 1]",
               file=sys.stderr)
         return 64
+    if args.head_only and (not args.init_from or args.no_uncertainty or args.pretrain_unpaired):
+        print("synth7t-train: --head-only needs --init-from (a trained network) and its "
+              "uncertainty head", file=sys.stderr)
+        return 64
     if args.pretrain_unpaired:
         if args.simulated or args.mrixfields or args.bids:
             print("synth7t-train: --pretrain-unpaired does not mix with paired data; pretrain "
@@ -276,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     init_net = _init_net(args, data_desc)
     if init_net is False:
         return 65
+    if args.head_only:
+        data_desc.append("only the uncertainty head trained (every other weight frozen)")
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, patch=args.patch,
                       lr=args.lr or (2e-4 if init_net is not None else 1e-3), seed=args.seed,
@@ -292,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                       input_scaling=args.input_scaling,
                       level_condition=tuple(args.level_condition),
                       protocol_condition=args.protocol_condition,
-                      protocol_dropout=args.protocol_dropout,
+                      protocol_dropout=args.protocol_dropout, head_only=args.head_only,
                       warmup=20 if init_net is not None else 100)
 
     # Held-out set: simulated with seeds offset far from training seeds when the simulator is
