@@ -228,10 +228,9 @@ class TrainConfig:
     #: sidecar, e.g. the challenge data, get what the network learned from these).
     protocol_dropout: float = 0.3
     #: Train only the uncertainty head; every other weight stays byte for byte what it was (the
-    #: synthetic images do not change). The head of a network trained jointly learns from the
-    #: residuals of slabs the network is fitting at that moment, smaller than on new data: the
-    #: shipped 2.3.1 map averaged 0.0076 for an error of 0.0127 on new T2w 5 T training-like
-    #: slabs, 0.0122 after 1,000 head-only steps (synth7t/models/TRAINING.md, 2.3.2).
+    #: synthetic images do not change): recalibrates the map on new data, e.g. after a
+    #: fine-tune (the shipped 2.3.1 map averaged 0.0076 for an error of 0.0127 on new T2w 5 T
+    #: training-like slabs, 0.0122 after 1,000 head-only steps; synth7t/models/TRAINING.md).
     head_only: bool = False
 
     def lr_at(self, step: int) -> float:
