@@ -17,7 +17,7 @@ baseline), and model (1 - SSIM) <= 0.7 x the better reference's (1 - SSIM), i.e.
 removes at least 20 % of the intensity error and 30 % of the structural error that the better
 of copy-input and the baseline leaves.
 
-``--robustness`` adds two tables that predict how the model does on data it was not tuned to
+``--robustness`` adds three tables that predict how the model does on data it was not tuned to
 (target: model better than copy-input on nRMSE and SSIM for all 12 pairs):
 
 * ``outside``: the same Colin27 pairs rendered with every source-side protocol parameter,
@@ -31,7 +31,11 @@ of copy-input and the baseline leaves.
   up to about a fifth (TI) or 45 % (TE) from the nominal one;
 * ``texture``: a different texture/partial-volume model: the BrainWeb crisp label map (the
   Colin27 head as hard labels, no partial volume) with a synthetic random texture instead of
-  the image-derived one.
+  the image-derived one;
+* ``mprage``: the other MPRAGE signal model FIELD_PHYSICS.md allows: every 1.5-5 T T1w source
+  rendered with Deichmann's full expression (``physics.json`` ``mprage_train``; 3 T grey/white
+  0.75 instead of 0.57), the 7 T target unchanged; the other nine pairs are rendered as in the
+  main table (fresh draws) and only repeat it.
 
 By default ``--slabs`` full-plane (364 x 436) axial slabs of ``--depth`` slices are simulated (a
 volume costs minutes per pair on 2 cores): their first slices are spread evenly over the central
@@ -133,10 +137,11 @@ def outside_physics(seed: int, frac: float = 0.2, rule: str = "width"):
     ``frac`` of the range's width (``rule="width"``) or of its edge value (``"edge"``)."""
     import copy
 
-    from synth7t.physics import Physics, source_ranges
+    from synth7t.physics import MPRAGE_TRAIN_KEY, Physics, source_ranges
 
     train = Physics.load().widened()
     tab = copy.deepcopy(train.table)
+    tab.pop(MPRAGE_TRAIN_KEY, None)  # the source form has a table of its own (full_mprage_physics)
     rng = np.random.default_rng(seed)
 
     def band(lo: float, hi: float, side: int) -> list[float]:
@@ -152,6 +157,18 @@ def outside_physics(seed: int, frac: float = 0.2, rule: str = "width"):
             spec[key] = band(*spec[key], -1)
         elif kind == "voxel":
             spec[key] = [band(a, b, 1) if b > 0.5 + 1e-6 else [a, b] for a, b in spec[key]]
+    return Physics(tab)
+
+
+def full_mprage_physics():
+    """The physics table with every drawn MPRAGE source rendered with Deichmann's full
+    expression (the 7 T target keeps the table's first-order form)."""
+    import copy
+
+    from synth7t.physics import MPRAGE_TRAIN_KEY, Physics
+
+    tab = copy.deepcopy(Physics.load().table)
+    tab[MPRAGE_TRAIN_KEY] = 1.0
     return Physics(tab)
 
 
@@ -226,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time flips (default: the shipped default)")
     p.add_argument("--robustness", action="store_true",
-                   help="also the outside-the-training-ranges and texture/partial-volume tables")
+                   help="also the outside-the-training-ranges, texture/partial-volume and "
+                       "MPRAGE-signal-model tables")
     p.add_argument("--no-protocol", action="store_true",
                    help="withhold each render's protocol from models with protocol "
                         "conditioning (inputs without a sidecar, e.g. the challenge data)")
@@ -320,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                rule=args.outside_band))),
             "texture": ("BrainWeb crisp labels (no partial volume) with a random texture",
                         Simulator.from_labels(str(data / "brainweb_crisp_labels.nii.gz"))),
+            "mprage": ("1.5-5 T T1w sources rendered with Deichmann's full MPRAGE expression "
+                       "(7 T target unchanged; the other pairs repeat the main table)",
+                       Simulator(sim.anatomy, full_mprage_physics())),
         }
         for name, (desc, vsim) in variants.items():
             res = score(vsim, rois, reg, seed=args.seed + 7, methods=["copy", "model"], tta=tta,

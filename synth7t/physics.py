@@ -93,8 +93,9 @@ def mprage(PD: float, T1: float, T2star: float, *, TR: float, TI: float, TE: flo
     TR 2000-2500), which is why the table's MPRAGE TI/TR ranges are narrow.
 
     With ``train`` (``pulses`` per inversion, ``echo_spacing_ms``, ``centre``: the fraction of
-    the train at which the k-space centre is read; a physics table's optional ``mprage_train``
-    section, each entry ``{"value": ..., "source": ...}``), Deichmann's full steady-state expression
+    the train at which the k-space centre is read; ``physics.json`` ``mprage_train``, which
+    training draws for a share of its sources, ``training_widening.mprage_train_probability``),
+    Deichmann's full steady-state expression
     (Deichmann et al., NeuroImage 2000;12:112; the MP2RAGE derivation of Marques et al.,
     NeuroImage 2010;49:1271, for one inversion): inversion, free recovery for ``TA = TI - k0
     tau``, ``n`` pulses of flip angle ``a`` every ``tau`` (each pulse takes ``Mz`` to
@@ -127,6 +128,10 @@ def mprage(PD: float, T1: float, T2star: float, *, TR: float, TI: float, TE: flo
 
 
 SEQUENCES = {"spin_echo", "inversion_recovery", "spoiled_gre", "mprage"}
+
+#: Table key (set by :meth:`Physics.widened`, or by hand) of the share of drawn source MPRAGE
+#: protocols rendered with the full expression (``physics.json`` ``mprage_train``).
+MPRAGE_TRAIN_KEY = "_mprage_train_probability"
 
 
 def sequence_signal(sequence: str, rel: Relaxation, protocol: dict[str, float]) -> float:
@@ -251,6 +256,8 @@ class Physics:
 
         ``scale`` multiplies each widening's excess over 1 (``scale=1``: the training ranges;
         e.g. ``scale=1.2`` goes 20 % further, for robustness tests; ``0``: the table itself).
+        With ``scale > 0`` a share of the drawn MPRAGE sources is also rendered with the full
+        expression (``mprage_train_probability``; :data:`MPRAGE_TRAIN_KEY`).
         """
         import copy
 
@@ -261,6 +268,8 @@ class Physics:
             c, h = 0.5 * (lo + hi), 0.5 * (hi - lo) * (1 + scale * (factor - 1))
             return [max(c - h, 1e-3), c + h]
 
+        if scale > 0 and "mprage_train_probability" in w:
+            tab[MPRAGE_TRAIN_KEY] = float(w["mprage_train_probability"]["value"])
         lo_f, hi_f = w["snr"]["value"]
         vlo, vhi = w["voxel"]["value"]
         for kind, spec, key in source_ranges(tab):
@@ -310,9 +319,6 @@ class Physics:
         out: dict[str, Any] = {"sequence": spec["sequence"]}
         if "readout" in spec:
             out["readout"] = spec["readout"]
-        if spec["sequence"] == "mprage" and "mprage_train" in self.table:
-            out["train"] = {k: float(v["value"]) for k, v in self.table["mprage_train"].items()
-                            if not k.startswith("_")}
         for key in ("TR_ms", "TE_ms", "TI_ms", "FA_deg"):
             if key not in spec:
                 continue
@@ -322,7 +328,20 @@ class Physics:
             else:
                 value = float(par["nominal"])
             out[key.split("_")[0]] = value
+        # a drawn source MPRAGE takes the full expression with the table's source-form
+        # probability (0 unless widened for training): the draw is only made then, so the
+        # other tables' random streams are what they were
+        p_train = float(self.table.get(MPRAGE_TRAIN_KEY, 0.0))
+        if (spec["sequence"] == "mprage" and rng is not None and field_key(field) != "7"
+                and p_train > 0 and rng.random() < p_train):
+            out["train"] = self.mprage_train()
         return out
+
+    def mprage_train(self) -> dict[str, float]:
+        """The readout train of Deichmann's MPRAGE expression (``physics.json``
+        ``mprage_train``: ``pulses``, ``echo_spacing_ms``, ``centre``)."""
+        sec = self.table["mprage_train"]
+        return {k: float(sec[k]["value"]) for k in ("pulses", "echo_spacing_ms", "centre")}
 
     def effective_voxel(self, contrast: str, field: float,
                         rng: np.random.Generator | None = None) -> tuple[float, float, float]:

@@ -99,17 +99,38 @@ def test_the_readout_train_keeps_csf_dark_across_study_protocols():
     assert min(r["CSF"] for r in first) < 0.05
 
 
-def test_a_table_with_a_readout_train_renders_with_it():
+def test_training_draws_both_mprage_forms_for_sources_only():
+    """The widened (training) table renders about half its MPRAGE sources with the readout
+    train; the table itself, the 7 T target and other sequences never; and the table's own
+    random stream is what it was without the option (validation renders do not move)."""
     import copy
 
-    tab = copy.deepcopy(Physics.load().table)
-    tab["mprage_train"] = {k: {"value": v, "source": "test"} for k, v in ADNI_TRAIN.items()}
-    phys = Physics(tab)
-    assert phys.protocol("T1w", 3.0)["train"] == ADNI_TRAIN
-    assert "train" not in phys.protocol("T2w", 3.0)
-    assert _t1w_ratios(phys, phys.protocol("T1w", 3.0))["GM"] == pytest.approx(
-        _t1w_ratios(Physics.load(), dict(Physics.load().protocol("T1w", 3.0),
-                                         train=ADNI_TRAIN))["GM"])
+    import numpy as np
+
+    from synth7t.physics import MPRAGE_TRAIN_KEY
+
+    phys = Physics.load()
+    assert phys.mprage_train() == ADNI_TRAIN
+    wide = phys.widened()
+    p = phys.table["training_widening"]["mprage_train_probability"]["value"]
+    rng = np.random.default_rng(0)
+    drawn = [wide.protocol("T1w", 3.0, rng) for _ in range(400)]
+    share = np.mean(["train" in d for d in drawn])
+    assert abs(share - p) < 0.08
+    assert all(d["train"] == ADNI_TRAIN for d in drawn if "train" in d)
+    for table, field, contrast in ((wide, 7.0, "T1w"), (wide, 3.0, "T2w"), (phys, 3.0, "T1w")):
+        assert "train" not in table.protocol(contrast, field, np.random.default_rng(1))
+    bare = copy.deepcopy(phys.table)
+    del bare["mprage_train"]
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    for c, f in (("T1w", 3.0), ("T2w", 1.5), ("T1w", 5.0)):
+        assert phys.protocol(c, f, a) == Physics(bare).protocol(c, f, b)
+    forced = copy.deepcopy(phys.table)
+    forced[MPRAGE_TRAIN_KEY] = 1.0
+    full = Physics(forced).protocol("T1w", 3.0, np.random.default_rng(2))
+    assert full["train"] == ADNI_TRAIN
+    ratio = _t1w_ratios(phys, full)["GM"]
+    assert abs(ratio - _t1w_ratios(phys, dict(full, train=None))["GM"]) > 0.1
 
 
 def test_a_protocol_too_short_for_its_train_stays_finite():
