@@ -94,7 +94,8 @@ def mprage(PD: float, T1: float, T2star: float, *, TR: float, TI: float, TE: flo
 
     With ``train`` (``pulses`` per inversion, ``echo_spacing_ms``, ``centre``: the fraction of
     the train at which the k-space centre is read; ``physics.json`` ``mprage_train``, which
-    training draws for a share of its sources, ``training_widening.mprage_train_probability``),
+    training can draw for a share of its sources, ``training_widening.mprage_train_probability``,
+    0 in the shipped table: see its source),
     Deichmann's full steady-state expression
     (Deichmann et al., NeuroImage 2000;12:112; the MP2RAGE derivation of Marques et al.,
     NeuroImage 2010;49:1271, for one inversion): inversion, free recovery for ``TA = TI - k0
@@ -257,7 +258,7 @@ class Physics:
         ``scale`` multiplies each widening's excess over 1 (``scale=1``: the training ranges;
         e.g. ``scale=1.2`` goes 20 % further, for robustness tests; ``0``: the table itself).
         With ``scale > 0`` a share of the drawn MPRAGE sources is also rendered with the full
-        expression (``mprage_train_probability``; :data:`MPRAGE_TRAIN_KEY`).
+        expression (``mprage_train_probability``, 0 in the shipped table; :data:`MPRAGE_TRAIN_KEY`).
         """
         import copy
 

@@ -100,9 +100,10 @@ def test_the_readout_train_keeps_csf_dark_across_study_protocols():
 
 
 def test_training_draws_both_mprage_forms_for_sources_only():
-    """The widened (training) table renders about half its MPRAGE sources with the readout
-    train; the table itself, the 7 T target and other sequences never; and the table's own
-    random stream is what it was without the option (validation renders do not move)."""
+    """A widened (training) table with the option at 0.5 renders about half its MPRAGE sources
+    with the readout train; the table itself, the 7 T target and other sequences never; and the
+    table's own random stream is what it was without the option (validation renders do not
+    move); the shipped table's option is 0, so its training streams do not move either."""
     import copy
 
     import numpy as np
@@ -111,8 +112,10 @@ def test_training_draws_both_mprage_forms_for_sources_only():
 
     phys = Physics.load()
     assert phys.mprage_train() == ADNI_TRAIN
-    wide = phys.widened()
-    p = phys.table["training_widening"]["mprage_train_probability"]["value"]
+    assert MPRAGE_TRAIN_KEY not in phys.table
+    tab = copy.deepcopy(phys.table)  # the shipped table has it off (physics.json says why)
+    p = tab["training_widening"]["mprage_train_probability"]["value"] = 0.5
+    wide = Physics(tab).widened()
     rng = np.random.default_rng(0)
     drawn = [wide.protocol("T1w", 3.0, rng) for _ in range(400)]
     share = np.mean(["train" in d for d in drawn])
@@ -122,9 +125,11 @@ def test_training_draws_both_mprage_forms_for_sources_only():
         assert "train" not in table.protocol(contrast, field, np.random.default_rng(1))
     bare = copy.deepcopy(phys.table)
     del bare["mprage_train"]
-    a, b = np.random.default_rng(5), np.random.default_rng(5)
-    for c, f in (("T1w", 3.0), ("T2w", 1.5), ("T1w", 5.0)):
-        assert phys.protocol(c, f, a) == Physics(bare).protocol(c, f, b)
+    del bare["training_widening"]["mprage_train_probability"]
+    for table, other in ((phys, Physics(bare)), (phys.widened(), Physics(bare).widened())):
+        a, b = np.random.default_rng(5), np.random.default_rng(5)
+        for c, f in (("T1w", 3.0), ("T2w", 1.5), ("T1w", 5.0)):
+            assert table.protocol(c, f, a) == other.protocol(c, f, b)
     forced = copy.deepcopy(phys.table)
     forced[MPRAGE_TRAIN_KEY] = 1.0
     full = Physics(forced).protocol("T1w", 3.0, np.random.default_rng(2))
