@@ -329,9 +329,9 @@ class Physics:
             else:
                 value = float(par["nominal"])
             out[key.split("_")[0]] = value
-        # a drawn source MPRAGE takes the full expression with the table's source-form
-        # probability (0 unless widened for training): the draw is only made then, so the
-        # other tables' random streams are what they were
+        # a drawn source MPRAGE takes the full expression with the table's source-form share
+        # (set by widened() from physics.json, where it is 0 as shipped): the extra random draw
+        # is only made when the share is > 0, so other tables' random streams stay as they were
         p_train = float(self.table.get(MPRAGE_TRAIN_KEY, 0.0))
         if (spec["sequence"] == "mprage" and rng is not None and field_key(field) != "7"
                 and p_train > 0 and rng.random() < p_train):
