@@ -47,6 +47,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from synth7t.io import PROTOCOL_UNITS
+
 from .exitcodes import EX_CANTCREAT, EX_NO_MATCH, EX_NOINPUT, EX_OK, Synth7tExit
 
 LOGGER = logging.getLogger("synth7t")
@@ -65,10 +67,12 @@ SIDECAR_SKIP = {"MagneticFieldStrength", "SourceMagneticFieldStrength", "SourceF
 #: The input's acquisition protocol (run record ``inputs[].protocol``, from its BIDS sidecar):
 #: column suffix, description, units. A participant scanned off the study's protocol stands out
 #: as an outlier of these columns.
-PROTOCOL_COLUMNS = {"TR": ("TR_ms", "repetition time (RepetitionTime of its sidecar)", "ms"),
-                    "TE": ("TE_ms", "echo time (EchoTime; the first echo of a list)", "ms"),
-                    "TI": ("TI_ms", "inversion time (InversionTime)", "ms"),
-                    "FA": ("FA_deg", "flip angle (FlipAngle)", "deg")}
+PROTOCOL_COLUMNS = {k: (f"{k}_{PROTOCOL_UNITS[k]}", desc, PROTOCOL_UNITS[k]) for k, desc in (
+    ("TR", "repetition time (RepetitionTime of its sidecar)"),
+    ("TE", "echo time (EchoTime; the first echo of a list)"),
+    ("TI", "inversion time (InversionTime)"), ("FA", "flip angle (FlipAngle)"))}
+#: The same, by column suffix: description and units.
+_PROTOCOL_BY_SUFFIX = {col: (desc, unit) for col, desc, unit in PROTOCOL_COLUMNS.values()}
 STATUSES = ("ok", "partial", "refused", "crashed", "not run")
 GROUP_FILES = ("group_qc.tsv", "group_qc.json", "group.html")
 
@@ -447,9 +451,8 @@ def describe_columns(columns: list[str]) -> dict:
             desc += " (run record, logs/sub-<label>/run-<uuid>.json: inputs[].qc)"
         else:
             contrast, _, key = c.partition("_")
-            proto = {col: (d, u) for col, d, u in PROTOCOL_COLUMNS.values()}
-            if key in proto:
-                desc, units = proto[key]
+            if key in _PROTOCOL_BY_SUFFIX:
+                desc, units = _PROTOCOL_BY_SUFFIX[key]
                 desc = f"{contrast} input's {desc} (run record: inputs[].protocol)"
             elif key in QC_DESCRIPTIONS:
                 desc, units = QC_DESCRIPTIONS[key]

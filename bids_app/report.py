@@ -246,10 +246,12 @@ def uncertainty_warning(contrast: str, meta: dict) -> str | None:
 
 def _protocol_text(protocol: dict | None) -> str:
     """``TR 2250 ms, TE 4.11 ms, TI 925 ms, FA 9 deg`` (run record ``inputs[].protocol``)."""
+    from synth7t.io import PROTOCOL_UNITS
+
     if not protocol:
         return "not stated"
-    units = {"TR": "ms", "TE": "ms", "TI": "ms", "FA": "deg"}
-    return ", ".join(f"{k} {v:g} {units[k]}" for k, v in protocol.items() if k in units)
+    return ", ".join(f"{k} {v:g} {PROTOCOL_UNITS[k]}" for k, v in protocol.items()
+                     if k in PROTOCOL_UNITS)
 
 
 def _summary(run_info: dict, participant: str, versions: dict, warnings: list[str]) -> str:

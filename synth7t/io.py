@@ -364,6 +364,8 @@ def sha256_file(path: str | os.PathLike, *, chunk_size: int = 1 << 20) -> str:
 #: simulator's units). BIDS times are seconds, the simulator's milliseconds; flip angles degrees.
 SIDECAR_PROTOCOL = {"RepetitionTime": ("TR", 1000.0), "EchoTime": ("TE", 1000.0),
                     "InversionTime": ("TI", 1000.0), "FlipAngle": ("FA", 1.0)}
+#: Units of :func:`protocol_from_sidecar`'s values.
+PROTOCOL_UNITS = {"TR": "ms", "TE": "ms", "TI": "ms", "FA": "deg"}
 
 
 def protocol_from_sidecar(metadata: dict[str, Any] | None) -> dict[str, float] | None:
