@@ -28,6 +28,10 @@ carries it: each tissue's mean signed error, mean absolute error and mean uncert
 voxels that are > 90 % that tissue, on the undeformed renders the lesion test uses (there the
 anatomy's fraction maps lie where the image's tissue is).
 
+``--draws N`` renders each slab N times (other protocol, SNR, voxel and deformation draws; the
+first is the default render): a tissue's level error changes with the protocol drawn, so one
+draw per slab is a small sample of the pair.
+
 ``--full`` scores Spearman and deciles over whole volumes instead of the slabs (about 10 min and
 8 GB on two cores): which pairs pass moves with the slabs chosen, so it is the reading free of
 that choice.
@@ -56,6 +60,11 @@ from bench_quality import (CACHE, _level, _protocol, _split, colin27_simulator, 
 INPLANE = np.ones((3, 3, 1), bool)
 #: tissues of the per-tissue table (the anatomy's fraction maps)
 TISSUES = ("GM", "WM", "CSF")
+
+
+def draw_seed(seed: int, slab: int, field_bin: float, draw: int) -> int:
+    """Render seed of one slab's ``draw`` (draw 0: the seed ``bench_quality.py`` uses)."""
+    return seed + 1000 * slab + int(field_bin * 10) + 100_000 * draw
 
 
 def lesion_ratio(synth, src: np.ndarray, mask: np.ndarray, wm: np.ndarray, contrast: str, *,
@@ -96,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true",
                    help="Spearman and deciles over whole 364x436x364 volumes (the lesion test "
                         "stays on the slabs)")
+    p.add_argument("--draws", type=int, default=1,
+                   help="protocol/SNR/voxel/deformation draws per slab (the lesion test uses "
+                        "the first): the tissues' level errors change with the draw")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -129,14 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     rows, calib, tissue = {}, {}, {}
     for fb in SUPPORTED_BINS:
         scored = [None] if args.full else rois
-        per_roi = [sim.sample_all_contrasts(field=fb, seed=args.seed + 1000 * k + int(fb * 10),
-                                            roi=roi) for k, roi in enumerate(scored)]
+        # draw d > 0: another protocol, SNR, voxel and deformation draw of the same slabs
+        per_roi = [sim.sample_all_contrasts(field=fb, seed=draw_seed(args.seed, k, fb, d),
+                                            roi=roi)
+                   for d in range(args.draws) for k, roi in enumerate(scored)]
         # The lesion test needs the white matter where the image has it: the renders above are
         # randomly deformed (up to ~5 mm here), so it uses undeformed renders of the same slabs
         # and draws, on which the anatomy's own WM map is exact.
-        plain = [sim.sample_all_contrasts(field=fb, seed=args.seed + 1000 * k + int(fb * 10),
-                                          roi=roi, deform=False) for k, roi in enumerate(rois)]
-        fracs = [sim.anatomy.resample(roi) for roi in rois]
+        plain = [sim.sample_all_contrasts(field=fb, seed=draw_seed(args.seed, k, fb, d),
+                                          roi=roi, deform=False)
+                 for d in range(args.draws) for k, roi in enumerate(rois)]
+        fracs = [sim.anatomy.resample(roi) for roi in rois] * args.draws
         wms = [f["WM"] > 0.9 for f in fracs]
         for c in CONTRASTS:
             synth = load_synthesizer(reg.get(c, fb, "default"))
@@ -155,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 es.append((pred - tgt)[mask])
             lr = []
             by_tissue: dict[str, list] = {t: [] for t in TISSUES}
-            for flat, wm, frac in zip(plain, wms, fracs):
+            for i, (flat, wm, frac) in enumerate(zip(plain, wms, fracs)):
                 fsrc, ftgt, fmask = _split(flat, c)
                 fpred, func = synth.predict(fsrc, fmask, tta=tta, threads=args.threads,
                                             return_uncertainty=True, input_level=_level(flat, c),
@@ -163,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 for t in TISSUES:
                     sel = fmask & (frac[t] > 0.9)
                     by_tissue[t].append(((fpred - ftgt)[sel], func[sel]))
+                if i >= len(rois):
+                    continue  # the lesion test stays on the first draw
                 lr.append(lesion_ratio(synth, fsrc, fmask, wm, c, tta=tta, threads=args.threads,
                                        brain_voxels=int(mask0.sum()),
                                        input_level=_level(flat, c),
@@ -192,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"lesion x{rows[key]['lesion_ratio']:.2f}", file=sys.stderr, flush=True)
 
     slabs = (f"{args.slabs} full-plane slabs x {args.depth} slices at z = "
-             f"{', '.join(map(str, starts))} (central 25-75 % of the brain)")
+             f"{', '.join(map(str, starts))} (central 25-75 % of the brain)"
+             + (f", {args.draws} draws each" if args.draws > 1 else ""))
     where = (f"whole volumes (lesion test: {slabs})" if args.full else slabs)
     print(f"# Uncertainty vs real error on Colin27 (never used in training), {where}, "
           f"seed {args.seed}, TTA {'on' if tta else 'off'}; "
