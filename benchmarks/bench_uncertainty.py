@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 fpred, func = synth.predict(fsrc, fmask, tta=tta, threads=args.threads,
                                             return_uncertainty=True, input_level=_level(flat, c),
                                             protocol=_protocol(flat, c))
+                add_saturation(func, flat[c].get("source_excess"), fmask)
                 for t in TISSUES:
                     sel = fmask & (frac[t] > 0.9)
                     by_tissue[t].append(((fpred - ftgt)[sel], func[sel]))
@@ -201,10 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             for t, parts in by_tissue.items():
                 err = np.concatenate([a for a, _ in parts])
                 if err.size:
+                    unc_t = np.concatenate([b for _, b in parts])
                     tissue[key][t] = {"signed_error": float(err.mean()),
                                       "mae": float(np.abs(err).mean()),
-                                      "mean_unc": float(np.concatenate([b for _, b in parts]).mean()),
-                                      "voxels": int(err.size)}
+                                      "mean_unc": float(unc_t.mean()), "voxels": int(err.size)}
             print(f"  {key}: rho {rows[key]['spearman']:.3f} monotonic {rows[key]['monotonic']} "
                   f"lesion x{rows[key]['lesion_ratio']:.2f}", file=sys.stderr, flush=True)
 
