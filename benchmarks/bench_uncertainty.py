@@ -32,6 +32,14 @@ anatomy's fraction maps lie where the image's tissue is).
 first is the default render): a tissue's level error changes with the protocol drawn, so one
 draw per slab is a small sample of the pair.
 
+``--oracle`` (with ``--draws`` >= 2) asks whether a miss is the map's or the draw's: on the
+undeformed renders, draw k is scored against an *anatomy-aware oracle*, the mean absolute error
+of the same voxel over the other draws (:func:`leave_one_out`). It knows this anatomy's
+voxel-by-voxel error pattern and the network's, which no map computed from one input has, but
+not draw k's protocol. Where the oracle ranks and calibrates draw k's error, the error has a
+structure the map misses; where the oracle also fails, the error moves with the protocol drawn
+and one draw is a lottery for any map.
+
 ``--full`` scores Spearman and deciles over whole volumes instead of the slabs (about 10 min and
 8 GB on two cores): which pairs pass moves with the slabs chosen, so it is the reading free of
 that choice.
@@ -60,6 +68,34 @@ from bench_quality import (CACHE, _level, _protocol, _split, colin27_simulator, 
 INPLANE = np.ones((3, 3, 1), bool)
 #: tissues of the per-tissue table (the anatomy's fraction maps)
 TISSUES = ("GM", "WM", "CSF")
+
+
+def leave_one_out(values: np.ndarray) -> np.ndarray:
+    """Row k: the mean of the other rows (``values``: draws x voxels, at least 2 draws)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.shape[0] < 2:
+        raise ValueError("leave_one_out needs at least two draws")
+    return ((v.sum(axis=0, keepdims=True) - v) / (v.shape[0] - 1)).astype(np.float32)
+
+
+def oracle_scores(abs_errors: list[np.ndarray], maps: list[np.ndarray]) -> dict:
+    """Per draw, Spearman and decile monotonicity of the map and of the leave-one-draw-out
+    oracle against that draw's absolute error (arrays: the same voxels in every draw)."""
+    from synth7t.uncertainty import decile_calibration, is_monotonic, largest_dip, spearman
+
+    err = np.stack(abs_errors)
+    oracle = leave_one_out(err)
+    out: dict[str, list] = {"map_spearman": [], "map_monotonic": [], "oracle_spearman": [],
+                            "oracle_monotonic": [], "oracle_dip_share": []}
+    for k in range(err.shape[0]):
+        e = err[k]
+        out["map_spearman"].append(spearman(maps[k], e))
+        out["map_monotonic"].append(is_monotonic(decile_calibration(maps[k], e)))
+        cal = decile_calibration(oracle[k], e)
+        out["oracle_spearman"].append(spearman(oracle[k], e))
+        out["oracle_monotonic"].append(is_monotonic(cal))
+        out["oracle_dip_share"].append(largest_dip(cal)[0] / max(float(e.mean()), 1e-12))
+    return out
 
 
 def draw_seed(seed: int, slab: int, field_bin: float, draw: int) -> int:
@@ -108,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draws", type=int, default=1,
                    help="protocol/SNR/voxel/deformation draws per slab (the lesion test uses "
                         "the first): the tissues' level errors change with the draw")
+    p.add_argument("--oracle", action="store_true",
+                   help="also score each draw against the other draws' mean absolute error "
+                        "per voxel (undeformed renders; needs --draws >= 2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -115,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--cache", type=Path, default=CACHE)
     args = p.parse_args(argv)
+    if args.oracle and args.draws < 2:
+        p.error("--oracle needs --draws >= 2")
 
     import torch
 
@@ -138,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     rois = [(slice(0, REF_SHAPE[0]), slice(0, REF_SHAPE[1]), slice(int(z), int(z) + args.depth))
             for z in starts]
     reg = Registry.load(args.model_dir)
-    rows, calib, tissue = {}, {}, {}
+    rows, calib, tissue, oracle = {}, {}, {}, {}
     for fb in SUPPORTED_BINS:
         scored = [None] if args.full else rois
         # draw d > 0: another protocol, SNR, voxel and deformation draw of the same slabs
@@ -170,12 +211,17 @@ def main(argv: list[str] | None = None) -> int:
                 es.append((pred - tgt)[mask])
             lr = []
             by_tissue: dict[str, list] = {t: [] for t in TISSUES}
+            flat_err, flat_map, flat_mask = [], [], []
             for i, (flat, wm, frac) in enumerate(zip(plain, wms, fracs)):
                 fsrc, ftgt, fmask = _split(flat, c)
                 fpred, func = synth.predict(fsrc, fmask, tta=tta, threads=args.threads,
                                             return_uncertainty=True, input_level=_level(flat, c),
                                             protocol=_protocol(flat, c))
                 add_saturation(func, flat[c].get("source_excess"), fmask)
+                if args.oracle:
+                    flat_err.append(np.abs(fpred - ftgt))
+                    flat_map.append(func)
+                    flat_mask.append(fmask)
                 for t in TISSUES:
                     sel = fmask & (frac[t] > 0.9)
                     by_tissue[t].append(((fpred - ftgt)[sel], func[sel]))
@@ -206,6 +252,15 @@ def main(argv: list[str] | None = None) -> int:
                     tissue[key][t] = {"signed_error": float(err.mean()),
                                       "mae": float(np.abs(err).mean()),
                                       "mean_unc": float(unc_t.mean()), "voxels": int(err.size)}
+            if args.oracle:
+                n = len(rois)
+                # the voxels inside the brain in every draw, slabs side by side
+                common = [np.logical_and.reduce(flat_mask[k::n]) for k in range(n)]
+                per_draw = [range(d * n, (d + 1) * n) for d in range(args.draws)]
+                oracle[key] = oracle_scores(
+                    [np.concatenate([flat_err[i][common[i % n]] for i in idx]) for idx in per_draw],
+                    [np.concatenate([flat_map[i][common[i % n]] for i in idx]) for idx in per_draw])
+                del flat_err, flat_map
             print(f"  {key}: rho {rows[key]['spearman']:.3f} monotonic {rows[key]['monotonic']} "
                   f"lesion x{rows[key]['lesion_ratio']:.2f}", file=sys.stderr, flush=True)
 
@@ -250,9 +305,23 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{per[t]['signed_error']:+.4f} / {per[t]['mae']:.4f} / {per[t]['mean_unc']:.4f}"
                  if t in per else "" for t in TISSUES]
         print(f"| {key} | " + " | ".join(cells) + " |")
+    if args.oracle:
+        print(f"\n# Map against an anatomy-aware oracle (undeformed renders, {args.draws} draws; "
+              "oracle for draw k: each voxel's mean absolute error over the other draws): "
+              "Spearman min-max over draws, draws with non-decreasing decile MAE")
+        print("| pair | map Spearman | map deciles | oracle Spearman | oracle deciles | "
+              "oracle's largest fall (% of MAE) |")
+        print("|---|---|---|---|---|---|")
+        for key, o in oracle.items():
+            print(f"| {key} | {min(o['map_spearman']):.3f}-{max(o['map_spearman']):.3f} | "
+                  f"{sum(o['map_monotonic'])}/{args.draws} | "
+                  f"{min(o['oracle_spearman']):.3f}-{max(o['oracle_spearman']):.3f} | "
+                  f"{sum(o['oracle_monotonic'])}/{args.draws} | "
+                  f"{100 * max(o['oracle_dip_share']):.1f} |")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "calibration": calib, "tissue": tissue,
-                                         "tta": tta, "all_targets_met": all_met}, indent=1))
+                                         "oracle": oracle, "tta": tta,
+                                         "all_targets_met": all_met}, indent=1))
     return 0
 
 
