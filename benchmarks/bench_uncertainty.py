@@ -46,7 +46,7 @@ that choice.
 
 Usage::
 
-    NIPYPE_NO_ET=1 python benchmarks/bench_uncertainty.py --threads 2 [--full]
+    NIPYPE_NO_ET=1 python benchmarks/bench_uncertainty.py --threads 2 [--full] [--draws 6 --oracle]
 """
 from __future__ import annotations
 
