@@ -218,13 +218,14 @@ def main(argv: list[str] | None = None) -> int:
                                             return_uncertainty=True, input_level=_level(flat, c),
                                             protocol=_protocol(flat, c))
                 add_saturation(func, flat[c].get("source_excess"), fmask)
+                ferr = fpred - ftgt
                 if args.oracle:
-                    flat_err.append(np.abs(fpred - ftgt))
+                    flat_err.append(np.abs(ferr))
                     flat_map.append(func)
                     flat_mask.append(fmask)
                 for t in TISSUES:
                     sel = fmask & (frac[t] > 0.9)
-                    by_tissue[t].append(((fpred - ftgt)[sel], func[sel]))
+                    by_tissue[t].append((ferr[sel], func[sel]))
                 if i >= len(rois):
                     continue  # the lesion test stays on the first draw
                 lr.append(lesion_ratio(synth, fsrc, fmask, wm, c, tta=tta, threads=args.threads,
