@@ -395,6 +395,11 @@ def _uncertainty_text(weights: Path) -> str | None:
         text += ("; out-of-distribution flag per pair from the map's reference level ("
                  + meta.get("uncertainty_reference", "") + "; UNetConfig.uncertainty_reference, "
                  "synth7t.uncertainty.summarise)")
+    if cfg.shrinkage:
+        text += ("; the image is shrunk toward its local mean by the share of its local variance "
+                 "that the head's error variance 2 b^2 explains (Lee's local-statistics filter, "
+                 "Gaussian neighbourhood of 1 voxel; UNetConfig.shrinkage, synth7t.shrinkage); "
+                 "the map is the head's b for the unshrunk image")
     return text
 
 

@@ -21,6 +21,7 @@ from .intensity import source_gain
 from .io import sha256_file
 from .networks import DEFAULT_TTA, UNet25D, UNetConfig, condition_vector  # noqa: F401
 from .registry import ModelEntry, ModelIntegrityError, read_verified, safetensors_metadata
+from .shrinkage import wiener_shrink
 
 #: In-plane sizes are padded to a multiple of this (4-level U-Net needs 8; 16 is safe for 5).
 PAD_MULTIPLE = 16
@@ -160,7 +161,7 @@ class Synthesizer:
                 others: dict[str, np.ndarray] | None = None, batch_size: int = 4,
                 tta: bool = False, threads: int | None = None,
                 return_uncertainty: bool = False, input_level: float | None = None,
-                protocol: dict[str, float] | None = None):
+                protocol: dict[str, float] | None = None, shrinkage: bool | None = None):
         """Synthesise a 7T-like volume.
 
         Parameters
@@ -190,6 +191,10 @@ class Synthesizer:
             The source's acquisition protocol (``{"TR": ms, "TE": ms, "TI": ms, "FA": deg}``,
             any subset; :func:`synth7t.io.protocol_from_sidecar`), read by models with protocol
             conditioning; ``None``: not known.
+        shrinkage
+            Shrink the image where its expected error explains its local variation
+            (:func:`synth7t.shrinkage.wiener_shrink`, models with an uncertainty head); ``None``:
+            as the model's config says. The uncertainty returned is the head's either way.
 
         Returns
         -------
@@ -219,7 +224,8 @@ class BaselineSynthesizer(Synthesizer):
     def predict(self, volume: np.ndarray, mask: np.ndarray | None = None, *,
                 others: dict[str, np.ndarray] | None = None, batch_size: int = 4,
                 tta: bool = False, threads: int | None = None, return_uncertainty: bool = False,
-                input_level: float | None = None, protocol: dict[str, float] | None = None):
+                input_level: float | None = None, protocol: dict[str, float] | None = None,
+                shrinkage: bool | None = None):
         volume = np.asarray(volume, dtype=np.float32)
         mask = _prepare_mask(volume, mask)
         out = tissue_map(volume, mask, self.contrast, self.field_bin, self.params)
@@ -276,11 +282,14 @@ class UNetSynthesizer(Synthesizer):
     def predict(self, volume: np.ndarray, mask: np.ndarray | None = None, *,
                 others: dict[str, np.ndarray] | None = None, batch_size: int = 4,
                 tta: bool = False, threads: int | None = None, return_uncertainty: bool = False,
-                input_level: float | None = None, protocol: dict[str, float] | None = None):
+                input_level: float | None = None, protocol: dict[str, float] | None = None,
+                shrinkage: bool | None = None):
         volume = np.asarray(volume, dtype=np.float32)
         mask = _prepare_mask(volume, mask)
         box = mask_bbox(mask)
-        want_unc = return_uncertainty and self.has_uncertainty
+        shrink = self.has_uncertainty and (self.config.shrinkage if shrinkage is None
+                                           else bool(shrinkage))
+        want_unc = (return_uncertainty or shrink) and self.has_uncertainty
         if box is None:
             zeros = np.zeros(volume.shape, dtype=np.float32)
             return (zeros, zeros.copy() if want_unc else None) if return_uncertainty else zeros
@@ -320,6 +329,8 @@ class UNetSynthesizer(Synthesizer):
                     u = u[:, 0].float().cpu().numpy()
                     for i, z in enumerate(chunk):
                         unc[x0:x1, y0:y1, z] = u[i]
+        if shrink:
+            out = wiener_shrink(out, np.maximum(unc, 0.0), cmask, threads=threads)
         out = paste_cropped(out, box, volume.shape)
         out[~mask] = 0.0
         np.clip(out, 0.0, 1.0, out=out)

@@ -160,6 +160,10 @@ class UNetConfig:
     #: anatomy (:func:`synth7t.ood.reference_levels`): where the out-of-distribution flag of
     #: :func:`synth7t.uncertainty.summarise` starts. Empty: the fixed threshold alone.
     uncertainty_reference: dict[str, float] = field(default_factory=dict)
+    #: Shrink the image toward its local mean by the share of its local variance that the
+    #: uncertainty head's expected error explains (:func:`synth7t.shrinkage.wiener_shrink`);
+    #: needs ``uncertainty``. False: the network's output as it is.
+    shrinkage: bool = False
 
     @property
     def in_channels(self) -> int:
