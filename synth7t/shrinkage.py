@@ -84,8 +84,17 @@ def wiener_shrink(image: np.ndarray, expected_abs_error: np.ndarray, mask: np.nd
     def run(z0: int) -> None:
         z1 = min(z0 + block, depth)
         lo, hi = max(z0 - halo, 0), min(z1 + halo, depth)
-        part = _shrink_block(image[:, :, lo:hi], b[:, :, lo:hi], mask[:, :, lo:hi], sigma)
-        out[:, :, z0:z1] = part[:, :, z0 - lo:z1 - lo]
+        # only the block's in-plane box of brain, widened by the filter's reach: outside it
+        # the output is 0 and nothing inside it reads past the box (the same bits as the whole)
+        occupied = mask[:, :, lo:hi].any(axis=2)
+        if not occupied.any():
+            return
+        xs, ys = np.flatnonzero(occupied.any(axis=1)), np.flatnonzero(occupied.any(axis=0))
+        x0, x1 = max(xs[0] - halo, 0), min(xs[-1] + 1 + halo, image.shape[0])
+        y0, y1 = max(ys[0] - halo, 0), min(ys[-1] + 1 + halo, image.shape[1])
+        box = (slice(x0, x1), slice(y0, y1), slice(lo, hi))
+        part = _shrink_block(image[box], b[box], mask[box], sigma)
+        out[x0:x1, y0:y1, z0:z1] = part[:, :, z0 - lo:z1 - lo]
 
     starts = range(0, depth, max(1, int(block)))
     with ThreadPoolExecutor(max_workers=max(1, int(threads or 2))) as pool:

@@ -98,3 +98,17 @@ def test_blocks_and_threads_give_the_whole_volumes_result():
     whole = wiener_shrink(noisy, b, mask, block=noisy.shape[2], threads=1)
     for block, threads in ((1, 1), (3, 2), (5, 3)):
         assert np.array_equal(wiener_shrink(noisy, b, mask, block=block, threads=threads), whole)
+
+
+def test_the_brains_box_gives_the_same_bits_as_the_whole_volume():
+    # a small brain in a large field of view: blocks work on its in-plane box only
+    _, noisy, mask = _phantom(0.1, seed=6)
+    big = np.zeros((90, 80, 12), np.float32)
+    bigmask = np.zeros(big.shape, bool)
+    big[30:70, 20:60] = noisy
+    bigmask[30:70, 20:60] = mask
+    b = np.abs(np.random.default_rng(7).normal(0, 0.05, big.shape)).astype(np.float32)
+    from synth7t.shrinkage import _shrink_block
+
+    whole = _shrink_block(big, b, bigmask, 1.0)
+    assert np.array_equal(wiener_shrink(big, b, bigmask, block=4, threads=2), whole)
