@@ -239,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
              "synthetic images",
     )
     g_app.add_argument(
+        "--no-shrinkage", "--no_shrinkage", dest="shrinkage", action="store_false",
+        help="write the network's output as it is, without the shrinkage toward the local mean "
+             "where its uncertainty map explains the local variation (models whose config "
+             "asks for it, e.g. the shipped default)",
+    )
+    g_app.add_argument(
         "--tta", dest="tta", action=argparse.BooleanOptionalAction, default=None,
         help="left-right test-time flips in synthesis (--no-tta turns them off; default: the "
              "shipped models' default)",

@@ -213,6 +213,7 @@ def run_graph(items, models, opts, plugin, provenance, log_dir: Path, t_start: f
         storage_dtype=opts.output_dtype, omp_nthreads=opts.omp_nthreads,
         seed=opts.random_seed, provenance=provenance,
         uncertainty=getattr(opts, "uncertainty", True), tta=getattr(opts, "tta", None),
+        shrinkage=getattr(opts, "shrinkage", True),
         name=workflow_name())
     wf.base_dir = str(opts.work_dir)
     wf_labels = {}

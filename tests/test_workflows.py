@@ -162,6 +162,44 @@ def test_synthesis_nodes_get_the_protocol_their_sidecar_states(monkeypatch):
                                                       model_provenance={}, source_protocol=t1)
 
 
+def test_shrinkage_follows_the_model_config_and_the_flag(monkeypatch):
+    """A model whose config asks for the shrinkage gets it in its synthesis node unless the run
+    says --no-shrinkage; the synthetic image's sidecar says which; other models get neither."""
+    from workflows import synthesis
+
+    item = SimpleNamespace(subject="01", session=None, images=_images(["T1w"], None))
+
+    def built(shrinkage: bool):
+        # (maps off: with them the sidecar's summary arrives at run time, through a node)
+        wf = base.init_synth7t_wf(sessions=[item], output_dir="/out", registry=FakeRegistry(),
+                                  omp_nthreads=1, device="cpu", shrinkage=shrinkage,
+                                  uncertainty=False)
+        node = wf.get_node("sub_01_wf.synthesis_wf.synthesize_t1w").interface.inputs
+        meta = wf.get_node("sub_01_wf.ds_synthesis_t1w_wf.ds_ref_synth").interface.inputs
+        return node.shrinkage, meta.meta_dict["SynthesisModel"]
+
+    on, prov = built(True)
+    assert on is False and "Shrinkage" not in prov  # the fake models do not ask for it
+    monkeypatch.setattr(synthesis, "_unet_config",
+                        lambda entry: {"uncertainty": True, "shrinkage": True})
+    on, prov = built(True)
+    assert on is True and prov["Shrinkage"] == synthesis.SHRINKAGE_APPLIED
+    on, prov = built(False)
+    assert on is False and prov["Shrinkage"] == synthesis.SHRINKAGE_OFF
+    # without an uncertainty head there is no map to shrink by
+    monkeypatch.setattr(synthesis, "_unet_config", lambda entry: {"shrinkage": True})
+    assert built(True)[0] is False
+
+
+def test_parser_no_shrinkage():
+    from bids_app.parser import parse_args
+
+    args = [str(Path(__file__).resolve().parents[2] / "shared" / "data" / "bids_3t"), "/tmp/o",
+            "participant"]
+    assert parse_args(args).shrinkage is True
+    assert parse_args(args + ["--no-shrinkage"]).shrinkage is False
+
+
 # --------------------------------------------------------------------------- option matrix
 @pytest.mark.parametrize("contrasts, session, mode", list(itertools.product(
     CONTRAST_SETS, [None, "pre"], ["auto", "force", "skip"])))
@@ -321,6 +359,9 @@ def test_select_model_shipped_registry():
     if prov.get("Kind") == "baseline":
         assert prov["Description"].startswith("baseline: non-deep")
     json.dumps(prov)
+    # the shipped default shrinks its output (model 2.7.0 on)
+    t1 = select_model(base.load_registry(), "T1w", route_field(3.0, where="x"))
+    assert t1.shrinkage == (t1.provenance.get("Kind") == "unet")
 
 
 # --------------------------------------------------------------------------- sink

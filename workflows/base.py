@@ -14,7 +14,8 @@ from .anatomical import init_anat_preproc_wf, looks_stripped
 from .outputs import init_ds_anat_wf, init_ds_registration_wf, init_ds_synthesis_wf
 from .registration import init_register_wf
 from .reportlets import init_reportlets_wf
-from .synthesis import ModelChoice, has_uncertainty, init_synthesis_wf, select_model
+from .synthesis import (ModelChoice, has_uncertainty, init_synthesis_wf, select_model,
+                        synthesis_provenance)
 
 
 def workflow_name() -> str:
@@ -39,7 +40,7 @@ def init_synth7t_wf(*, sessions, output_dir, skull_strip: str = "auto",
                     models: dict | None = None, model_dir=None, model_name: str = "default",
                     device: str = "auto", storage_dtype: str = "uint16", omp_nthreads: int = 1,
                     seed: int = 0, provenance: dict | None = None, uncertainty: bool = True,
-                    tta: bool | None = None, name: str | None = None):
+                    tta: bool | None = None, shrinkage: bool = True, name: str | None = None):
     """Build the graph of a run: one :func:`init_single_subject_wf` per participant/session.
 
     Parameters
@@ -78,6 +79,8 @@ def init_synth7t_wf(*, sessions, output_dir, skull_strip: str = "auto",
         Write ``desc-uncertainty`` maps for models with an uncertainty head.
     tta : bool, optional
         Left-right test-time flips (default ``synth7t.inference.DEFAULT_TTA``).
+    shrinkage : bool
+        Let models whose config asks for it shrink their output (``--no-shrinkage``: False).
     name : str, optional
         Workflow name (default :func:`workflow_name`).
 
@@ -100,7 +103,7 @@ def init_synth7t_wf(*, sessions, output_dir, skull_strip: str = "auto",
             output_dir=output_dir, skull_strip=skull_strip, brain_extraction=brain_extraction,
             registry=registry, models=sub_models, model_dir=model_dir, model_name=model_name, device=device,
             storage_dtype=storage_dtype, omp_nthreads=omp_nthreads, seed=seed,
-            provenance=provenance, uncertainty=uncertainty, tta=tta,
+            provenance=provenance, uncertainty=uncertainty, tta=tta, shrinkage=shrinkage,
         )])
     return wf
 
@@ -112,7 +115,8 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
                            model_name: str = "default", device: str = "auto",
                            storage_dtype: str = "uint16", omp_nthreads: int = 1, seed: int = 0,
                            provenance: dict | None = None, uncertainty: bool = True,
-                           tta: bool | None = None, name: str | None = None):
+                           tta: bool | None = None, shrinkage: bool = True,
+                           name: str | None = None):
     """Build the graph of one participant (and session).
 
     The anatomical reference ("anchor") is the T1w when present, else the first of T2w, FLAIR.
@@ -158,6 +162,8 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
         Write ``desc-uncertainty`` maps for models with an uncertainty head.
     tta : bool, optional
         Left-right test-time flips (default ``synth7t.inference.DEFAULT_TTA``).
+    shrinkage : bool
+        Let models whose config asks for it shrink their output (``--no-shrinkage``: False).
     name : str, optional
         Workflow name (default ``sub_<label>[_ses_<label>]_wf``).
 
@@ -208,7 +214,7 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
         contrasts=contrasts, anchor=anchor, models=models,
         field_bins={c: images[c].routing.bin for c in contrasts}, model_dir=model_dir,
         device=device, storage_dtype=storage_dtype, omp_nthreads=omp_nthreads,
-        uncertainty=uncertainty, tta=tta,
+        uncertainty=uncertainty, tta=tta, shrinkage=shrinkage,
         protocols=protocols)
     anchor_wf = anat_wfs[anchor]
     wf.connect([
@@ -267,7 +273,8 @@ def init_single_subject_wf(*, subject_id: str, session_id: str | None = None, im
             output_dir=output_dir, contrast=c, source_relpath=img.relpath,
             source_file=str(img.path), anchor=anchor, anchor_relpath=a_img.relpath,
             anchor_file=str(a_img.path), routing=img.routing,
-            model_provenance=models[c].provenance, storage_dtype=storage_dtype,
+            model_provenance=synthesis_provenance(models[c], shrinkage),
+            storage_dtype=storage_dtype,
             write_ref_mask=c == anchor, provenance=provenance,
             uncertainty=has_uncertainty(models[c], uncertainty),
             source_protocol=protocols[c],

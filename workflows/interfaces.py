@@ -540,6 +540,9 @@ class _SynthesizeInputSpec(_ThreadsInputSpec):
                               desc="also write the per-voxel uncertainty map (models with an "
                                    "uncertainty head)")
     tta = traits.Bool(False, usedefault=True, desc="average with the left-right flipped pass")
+    shrinkage = traits.Bool(False, usedefault=True,
+                            desc="shrink the output where the uncertainty head explains its local "
+                                 "variation (synth7t.shrinkage; models whose config asks for it)")
     excess_file = File(exists=True, desc="the input's clip excess (PrepareSynthesisInput), added "
                                          "to the uncertainty map")
     protocol = traits.Dict(traits.Str, traits.Float,
@@ -599,7 +602,7 @@ class Synthesize(MemoryReleasingInterface):
                         and self.inputs.protocol else None)
             res = synth.predict(volume, mask, others=others, threads=self.inputs.omp_nthreads,
                                 tta=self.inputs.tta, return_uncertainty=self.inputs.uncertainty,
-                                protocol=protocol)
+                                protocol=protocol, shrinkage=self.inputs.shrinkage)
             out, unc = res if self.inputs.uncertainty else (res, None)
         if self.inputs.uncertainty and unc is None:
             raise RuntimeError(f"model {self.inputs.model_name} for {self.inputs.contrast} "

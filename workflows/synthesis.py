@@ -32,6 +32,7 @@ class ModelChoice:
     others: tuple[str, ...] = ()  # other contrasts a multi-contrast model takes as input
     uncertainty: bool = False  # the network has an uncertainty head
     protocol: bool = False  # the network is conditioned on the source protocol (sidecar)
+    shrinkage: bool = False  # the network's config shrinks its output (synth7t.shrinkage)
 
 
 PASSTHROUGH_PROVENANCE = {
@@ -70,6 +71,29 @@ def _model_others(cfg: dict | None) -> tuple[str, ...]:
     return tuple(canonical_contrast(c) for c in (cfg or {}).get("others", []))
 
 
+#: What the ``Shrinkage`` key of a synthetic image's ``SynthesisModel`` sidecar says.
+SHRINKAGE_APPLIED = ("applied: the network's output shrunk toward its local mean by the share "
+                     "of its local variance that the uncertainty head's error variance (2 b^2) "
+                     "explains (Lee's local-statistics filter, Gaussian neighbourhood of 1 "
+                     "voxel; synth7t.shrinkage)")
+SHRINKAGE_OFF = "not applied (--no-shrinkage): the network's output as it is"
+
+
+def applies_shrinkage(choice: ModelChoice, shrinkage: bool = True) -> bool:
+    """Whether the synthesis node shrinks this model's output (its config and the run's
+    ``--no-shrinkage``)."""
+    return bool(choice.shrinkage and shrinkage and not choice.passthrough)
+
+
+def synthesis_provenance(choice: ModelChoice, shrinkage: bool = True) -> dict:
+    """``SynthesisModel`` sidecar value: the model's provenance, plus ``Shrinkage`` for models
+    whose config shrinks their output (applied, or turned off by the run)."""
+    prov = dict(choice.provenance)
+    if choice.shrinkage and not choice.passthrough:
+        prov["Shrinkage"] = SHRINKAGE_APPLIED if shrinkage else SHRINKAGE_OFF
+    return prov
+
+
 def select_model(registry, contrast: str, routing, *, model_name: str = "default") -> ModelChoice:
     """Choose the model for ``contrast`` at the routed field bin (graph-build time).
 
@@ -102,7 +126,9 @@ def select_model(registry, contrast: str, routing, *, model_name: str = "default
                            provenance=_json_safe(prov), fallback=bool(i),
                            others=_model_others(cfg),
                            uncertainty=bool((cfg or {}).get("uncertainty", False)),
-                           protocol=bool((cfg or {}).get("protocol_condition")))
+                           protocol=bool((cfg or {}).get("protocol_condition")),
+                           shrinkage=bool((cfg or {}).get("uncertainty"))
+                           and bool((cfg or {}).get("shrinkage")))
     raise ModelNotFoundError(
         f"no synthesis model for {contrast} at {bin_label(routing.bin)} "
         f"({'; '.join(errors)}); add one with --model-dir"
@@ -114,7 +140,7 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
                       device: str = "auto", storage_dtype: str = "uint16",
                       omp_nthreads: int = 1, uncertainty: bool = True, tta: bool | None = None,
                       protocols: dict[str, dict[str, float] | None] | None = None,
-                      name: str = "synthesis_wf"):
+                      shrinkage: bool = True, name: str = "synthesis_wf"):
     """Synthesise 7T images: one synthesis node per contrast, models fixed at build time.
 
     Parameters
@@ -143,6 +169,9 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
     protocols : dict, optional
         ``{contrast: protocol}`` of :func:`synth7t.io.protocol_from_sidecar` (``None``: the
         sidecar states none), given to the models with protocol conditioning.
+    shrinkage : bool
+        Let models whose config asks for it shrink their output where their uncertainty map
+        explains its local variation (:func:`applies_shrinkage`); ``False``: never.
     name : str
         Workflow name.
 
@@ -207,7 +236,8 @@ def init_synthesis_wf(*, contrasts: list[str], anchor: str, models: dict[str, Mo
             Synthesize(contrast=c, field_bin=float(field_bins[c]), model_name=choice.name,
                        model_sha256=choice.sha256, passthrough=choice.passthrough,
                        device=device, storage_dtype=storage_dtype, omp_nthreads=omp_nthreads,
-                       uncertainty=has_uncertainty(choice, uncertainty), tta=tta),
+                       uncertainty=has_uncertainty(choice, uncertainty), tta=tta,
+                       shrinkage=applies_shrinkage(choice, shrinkage)),
             name=f"synthesize_{lc}", n_procs=omp_nthreads, mem_gb=3.0)
         if model_dir:
             synth.inputs.model_dir = str(model_dir)
