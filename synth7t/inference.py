@@ -330,7 +330,7 @@ class UNetSynthesizer(Synthesizer):
                     for i, z in enumerate(chunk):
                         unc[x0:x1, y0:y1, z] = u[i]
         if shrink:
-            out = wiener_shrink(out, np.maximum(unc, 0.0), cmask, threads=threads)
+            out = wiener_shrink(out, unc, cmask, threads=threads)
         out = paste_cropped(out, box, volume.shape)
         out[~mask] = 0.0
         np.clip(out, 0.0, 1.0, out=out)
