@@ -289,7 +289,7 @@ class UNetSynthesizer(Synthesizer):
         box = mask_bbox(mask)
         shrink = self.has_uncertainty and (self.config.shrinkage if shrinkage is None
                                            else bool(shrinkage))
-        want_unc = (return_uncertainty or shrink) and self.has_uncertainty
+        want_unc = shrink or (return_uncertainty and self.has_uncertainty)
         if box is None:
             zeros = np.zeros(volume.shape, dtype=np.float32)
             return (zeros, zeros.copy() if want_unc else None) if return_uncertainty else zeros

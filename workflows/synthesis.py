@@ -82,15 +82,16 @@ SHRINKAGE_OFF = "not applied (--no-shrinkage): the network's output as it is"
 def applies_shrinkage(choice: ModelChoice, shrinkage: bool = True) -> bool:
     """Whether the synthesis node shrinks this model's output (its config and the run's
     ``--no-shrinkage``)."""
-    return bool(choice.shrinkage and shrinkage and not choice.passthrough)
+    return choice.shrinkage and bool(shrinkage)
 
 
 def synthesis_provenance(choice: ModelChoice, shrinkage: bool = True) -> dict:
     """``SynthesisModel`` sidecar value: the model's provenance, plus ``Shrinkage`` for models
     whose config shrinks their output (applied, or turned off by the run)."""
     prov = dict(choice.provenance)
-    if choice.shrinkage and not choice.passthrough:
-        prov["Shrinkage"] = SHRINKAGE_APPLIED if shrinkage else SHRINKAGE_OFF
+    if choice.shrinkage:
+        prov["Shrinkage"] = (SHRINKAGE_APPLIED if applies_shrinkage(choice, shrinkage)
+                             else SHRINKAGE_OFF)
     return prov
 
 
@@ -120,15 +121,14 @@ def select_model(registry, contrast: str, routing, *, model_name: str = "default
             LOGGER.warning("no '%s' model for %s at %s; using '%s'", model_name, contrast,
                            bin_label(routing.bin), name)
         prov = entry.provenance() if hasattr(entry, "provenance") else {"Name": name}
-        cfg = _unet_config(entry)
+        cfg = _unet_config(entry) or {}
         return ModelChoice(name=getattr(entry, "name", name) or name,
                            sha256=str(getattr(entry, "sha256", "") or ""),
                            provenance=_json_safe(prov), fallback=bool(i),
                            others=_model_others(cfg),
-                           uncertainty=bool((cfg or {}).get("uncertainty", False)),
-                           protocol=bool((cfg or {}).get("protocol_condition")),
-                           shrinkage=bool((cfg or {}).get("uncertainty"))
-                           and bool((cfg or {}).get("shrinkage")))
+                           uncertainty=bool(cfg.get("uncertainty", False)),
+                           protocol=bool(cfg.get("protocol_condition")),
+                           shrinkage=bool(cfg.get("uncertainty") and cfg.get("shrinkage")))
     raise ModelNotFoundError(
         f"no synthesis model for {contrast} at {bin_label(routing.bin)} "
         f"({'; '.join(errors)}); add one with --model-dir"
