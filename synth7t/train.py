@@ -232,6 +232,12 @@ class TrainConfig:
     #: fine-tune (the shipped 2.3.1 map averaged 0.0076 for an error of 0.0127 on new T2w 5 T
     #: training-like slabs, 0.0122 after 1,000 head-only steps; synth7t/models/TRAINING.md).
     head_only: bool = False
+    #: With ``head_only``: the head learns the absolute error of *another* network (named here,
+    #: for the card), one that was never trained on the anatomies the patches come from. The
+    #: shipped network has fitted every training anatomy, so its own residuals there lack the
+    #: error it makes on a new brain; a network that never saw them makes that error
+    #: (cross-fitting; synth7t/models/TRAINING.md).
+    cross_fit: str = ""
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -265,7 +271,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, sampler_factory: Callable[[np.random.Generator], PatchSampler],
                  out_dir: str | Path, *, val: list[Slab] | None = None,
-                 init_net: UNet25D | None = None, log: Callable[[str], None] = print) -> None:
+                 init_net: UNet25D | None = None, error_net: UNet25D | None = None,
+                 log: Callable[[str], None] = print) -> None:
         from .inference import resolve_device
 
         self.cfg = config
@@ -300,7 +307,17 @@ class Trainer:
                 raise ValueError("head_only needs a network with an uncertainty head")
             for name, prm in self.net.named_parameters():
                 prm.requires_grad_(name.startswith("unc_head."))
+        if error_net is not None and not config.head_only:
+            raise ValueError("error_net (cross-fitting) trains only the head: set head_only")
+        if error_net is not None and (
+                error_net.config.n_cond != self.net.config.n_cond
+                or error_net.config.level_condition != self.net.config.level_condition
+                or error_net.config.input_levels != self.net.config.input_levels
+                or error_net.config.n_slices != self.net.config.n_slices):
+            raise ValueError("error_net reads other inputs or conditions than the trained network")
         self.net.to(self.device, memory_format=torch.channels_last).train()
+        self.error_net = (None if error_net is None else
+                          error_net.to(self.device, memory_format=torch.channels_last).eval())
         self.ema = copy.deepcopy(self.net).eval() if config.ema_decay > 0 else None
         self.opt = torch.optim.AdamW([q for q in self.net.parameters() if q.requires_grad],
                                      lr=config.lr, weight_decay=config.weight_decay)
@@ -400,7 +417,12 @@ class Trainer:
             pred, b = self.net.forward_with_uncertainty(x, c)
             pred = pred * m
             loss, parts = synthesis_loss(pred, y)
-            nll = laplace_nll(pred, b, y, m)
+            if self.error_net is not None:
+                with torch.no_grad():
+                    ref = self.error_net(x, c) * m
+                nll = laplace_nll(ref, b, y, m)
+            else:
+                nll = laplace_nll(pred, b, y, m)
             loss = loss + self.cfg.unc_weight * nll
             parts["nll"] = float(nll.detach())
         else:

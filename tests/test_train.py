@@ -351,6 +351,41 @@ def test_few_steps_lower_the_loss(tmp_path):
     assert state["step"] == 40
 
 
+def test_cross_fit_head_learns_the_other_networks_error(tmp_path):
+    from synth7t.networks import UNet25D, UNetConfig
+    from synth7t.train import laplace_nll
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=1, batch_size=4, patch=32, n_slices=3, base=4, lr=1e-2, warmup=1,
+                      pool_size=2, refresh_every=0, checkpoint_every=0, val_slabs=0, seed=0,
+                      head_only=True, cross_fit="other")
+
+    def factory(rng):
+        return PatchSampler([(_PhantomSource(), 1.0)], rng, n_slices=3, patch=32, pool_size=2,
+                            refresh_every=0)
+
+    net = UNet25D(UNetConfig(n_slices=3, base=4, uncertainty=True))
+    other = UNet25D(UNetConfig(n_slices=3, base=4))  # another network: other errors
+    with torch.no_grad():  # (a new U-Net starts as the identity; move it off it)
+        for prm in other.parameters():
+            prm.add_(0.2 * torch.randn_like(prm))
+    trainer = Trainer(cfg, factory, tmp_path, init_net=net, error_net=other, log=lambda m: None)
+    x, y, m, c = factory(np.random.default_rng(3)).batch(4)
+    _, parts = trainer.compute_loss((x, y, m, c))
+    with torch.no_grad():
+        pred, b = trainer.net.forward_with_uncertainty(x, c)
+        theirs = float(laplace_nll(other(x, c) * m, b, y, m))
+        own = float(laplace_nll(pred * m, b, y, m))
+    assert parts["nll"] == pytest.approx(theirs, rel=1e-5)
+    assert abs(theirs - own) > 1e-3 * abs(own)
+    with pytest.raises(ValueError, match="head"):  # cross-fitting trains the head alone
+        Trainer(TrainConfig(**{**cfg.__dict__, "head_only": False}), factory, tmp_path,
+                init_net=net, error_net=other, log=lambda m: None)
+    with pytest.raises(ValueError, match="conditions"):  # it must read the same input
+        Trainer(cfg, factory, tmp_path, init_net=net,
+                error_net=UNet25D(UNetConfig(n_slices=5, base=4)), log=lambda m: None)
+
+
 def _saved_optimizer_state(ckpt_dir) -> dict:
     """The optimizer ``state_dict`` saved in a run's checkpoint folder (any ``*.pt`` holding a
     dict with ``state`` and ``param_groups``, at top level or under one key; extra keys and
@@ -506,6 +541,19 @@ def test_train_export_load_and_finetune_on_mrixfields(tmp_path, mrix_tree):
     assert "uncertainty head" in json.loads((head / "model_card.json").read_text())["TrainingData"]
     assert train_main(["--mrixfields", str(mrix_tree), "--out", str(tmp_path / "x"),
                        "--steps", "2", "--head-only", *TINY]) == 64  # nothing to freeze
+    # --cross-fit: the head learns another registry network's errors; the rest stays frozen
+    cross = tmp_path / "cross"
+    assert train_main(["--mrixfields", str(mrix_tree), "--out", str(cross), "--steps", "2",
+                       "--checkpoint-every", "2", "--init-from", "mine", "--model-dir",
+                       str(first), "--head-only", "--cross-fit", "default", "--cross-fit-dir",
+                       str(ft), *TINY]) == 0
+    after = load_file(cross / "model.safetensors")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("unc_head.") for k in moved), moved
+    assert "cross-fitting" in json.loads((cross / "model_card.json").read_text())["TrainingData"]
+    assert train_main(["--mrixfields", str(mrix_tree), "--out", str(tmp_path / "y"),
+                       "--steps", "2", "--init-from", "mine", "--model-dir", str(first),
+                       "--cross-fit", "mine", *TINY]) == 64  # cross-fitting trains the head
 
 
 def test_finetune_on_bids_sessions(tmp_path):

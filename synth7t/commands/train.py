@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a new randomised brain")
     d.add_argument("--anatomies", nargs="+", type=Path, default=[], metavar="NPZ",
                    help="extra simulator anatomies (scripts/make_training_anatomies.py output)")
+    d.add_argument("--icbm-weight", type=float, default=1.0, metavar="W",
+                   help="sampling weight of ICBM152 against 1 for each --anatomies brain "
+                        "(0: only --anatomies)")
     d.add_argument("--no-randomise", action="store_true",
                    help="plain simulator: no label/texture/relaxation randomisation, "
                         "physics.json ranges instead of the widened training ranges")
@@ -121,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --init-from: train only the uncertainty head, every other weight "
                         "frozen byte for byte (recalibrates the map on new data; the synthetic "
                         "images do not change)")
+    m.add_argument("--cross-fit", metavar="NAME",
+                   help="with --head-only: the head learns the errors of registry model NAME "
+                        "(from --cross-fit-dir), a network never trained on the --anatomies "
+                        "the patches come from, instead of the network's own errors on brains "
+                        "it has fitted (use with --icbm-weight 0 when NAME saw ICBM152)")
+    m.add_argument("--cross-fit-dir", type=Path, help="registry folder of --cross-fit")
     m.add_argument("--level-weight", type=float, default=0.5,
                    help="weight of the tissue-level loss (relative error of 4 mm block means; "
                         "0: off, as for models before 2.2.0)")
@@ -179,6 +188,24 @@ def _init_net(args, data_desc: list[str]):
     return net
 
 
+def _cross_fit_net(args, data_desc: list[str]):
+    """The ``--cross-fit`` network, None without it, False on error. It must read the same
+    conditioning as the trained network (same pairs and level conditioning)."""
+    if not args.cross_fit:
+        return None
+    from synth7t.registry import RegistryError
+    from synth7t.train import load_registry_unet
+
+    try:
+        net = load_registry_unet(args.cross_fit, model_dir=args.cross_fit_dir)
+    except RegistryError as exc:
+        print(f"synth7t-train: --cross-fit: {exc}", file=sys.stderr)
+        return False
+    data_desc.append(f"the head learns the errors of registry model {args.cross_fit!r} "
+                     "(cross-fitting: a network never trained on these anatomies)")
+    return net
+
+
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)
 
@@ -209,6 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.head_only and (not args.init_from or args.no_uncertainty or args.pretrain_unpaired):
         print("synth7t-train: --head-only needs --init-from (a trained network) and its "
               "uncertainty head", file=sys.stderr)
+        return 64
+    if args.cross_fit and not args.head_only:
+        print("synth7t-train: --cross-fit trains the uncertainty head alone: add --head-only",
+              file=sys.stderr)
+        return 64
+    if args.icbm_weight < 0 or (args.icbm_weight == 0 and not args.anatomies):
+        print(f"synth7t-train: --icbm-weight {args.icbm_weight}: needs >= 0, and > 0 without "
+              "--anatomies", file=sys.stderr)
         return 64
     if args.pretrain_unpaired:
         if args.simulated or args.mrixfields or args.bids:
@@ -241,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             anats = [icbm] + [load_anatomy(a) for a in args.anatomies]
             randomiser = RandomAnatomies(
-                anats, label_perturbation=0.0 if args.no_randomise else 0.5,
+                anats, weights=[args.icbm_weight] + [1.0] * len(args.anatomies),
+                label_perturbation=0.0 if args.no_randomise else 0.5,
                 texture_std=0.0 if args.no_randomise else 0.04, jitter=not args.no_randomise,
                 sharpness=(1.0, 1.0) if args.no_randomise else tuple(args.pv_sharpness),
                 csf_change=(0.0, 0.0) if args.no_randomise else tuple(args.csf_change))
@@ -286,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         return 65
     if args.head_only:
         data_desc.append("only the uncertainty head trained (every other weight frozen)")
+    error_net = _cross_fit_net(args, data_desc)
+    if error_net is False:
+        return 65
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, patch=args.patch,
                       lr=args.lr or (2e-4 if init_net is not None else 1e-3), seed=args.seed,
@@ -303,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                       level_condition=tuple(args.level_condition),
                       protocol_condition=args.protocol_condition,
                       protocol_dropout=args.protocol_dropout, head_only=args.head_only,
+                      cross_fit=args.cross_fit or "",
                       warmup=20 if init_net is not None else 100)
 
     # Held-out set: simulated with seeds offset far from training seeds when the simulator is
@@ -327,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                             protocol_condition=trainer.net.config.protocol_condition,
                             protocol_dropout=cfg.protocol_dropout)
 
-    trainer = Trainer(cfg, sampler_factory, args.out, val=val, init_net=init_net, log=_log)
+    trainer = Trainer(cfg, sampler_factory, args.out, val=val, init_net=init_net,
+                      error_net=error_net or None, log=_log)
     if args.resume:
         trainer.resume()
     _log(f"training {cfg.steps} steps, batch {cfg.batch_size}x{cfg.patch}^2, threads {cfg.threads}, "
