@@ -172,38 +172,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _init_net(args, data_desc: list[str]):
-    """The ``--init-from`` network (recorded in ``data_desc``), None without it, False on error."""
-    if not args.init_from:
+def _registry_net(name: str | None, model_dir, data_desc: list[str], described: str, *,
+                  flag: str = ""):
+    """Registry network ``name`` (``described`` goes into ``data_desc``), None without a name,
+    False on error (reported with ``flag``)."""
+    if not name:
         return None
     from synth7t.registry import RegistryError
     from synth7t.train import load_registry_unet
 
     try:
-        net = load_registry_unet(args.init_from, model_dir=args.model_dir)
+        net = load_registry_unet(name, model_dir=model_dir)
     except RegistryError as exc:
-        print(f"synth7t-train: {exc}", file=sys.stderr)
+        print(f"synth7t-train: {flag}{exc}", file=sys.stderr)
         return False
-    data_desc.append(f"initialised from registry model {args.init_from!r}")
+    data_desc.append(described)
     return net
+
+
+def _init_net(args, data_desc: list[str]):
+    """The ``--init-from`` network (recorded in ``data_desc``), None without it, False on error."""
+    return _registry_net(args.init_from, args.model_dir, data_desc,
+                         f"initialised from registry model {args.init_from!r}")
 
 
 def _cross_fit_net(args, data_desc: list[str]):
-    """The ``--cross-fit`` network, None without it, False on error. It must read the same
-    conditioning as the trained network (same pairs and level conditioning)."""
-    if not args.cross_fit:
-        return None
-    from synth7t.registry import RegistryError
-    from synth7t.train import load_registry_unet
-
-    try:
-        net = load_registry_unet(args.cross_fit, model_dir=args.cross_fit_dir)
-    except RegistryError as exc:
-        print(f"synth7t-train: --cross-fit: {exc}", file=sys.stderr)
-        return False
-    data_desc.append(f"the head learns the errors of registry model {args.cross_fit!r} "
-                     "(cross-fitting: a network never trained on these anatomies)")
-    return net
+    """The ``--cross-fit`` network (its errors teach the head), None without it, False on
+    error; :class:`synth7t.train.Trainer` checks that it reads the same input and conditions."""
+    return _registry_net(args.cross_fit, args.cross_fit_dir, data_desc,
+                         f"the head learns the errors of registry model {args.cross_fit!r} "
+                         "(cross-fitting: a network never trained on these anatomies)",
+                         flag="--cross-fit: ")
 
 
 def _log(msg: str) -> None:
