@@ -554,6 +554,13 @@ def test_train_export_load_and_finetune_on_mrixfields(tmp_path, mrix_tree):
     assert train_main(["--mrixfields", str(mrix_tree), "--out", str(tmp_path / "y"),
                        "--steps", "2", "--init-from", "mine", "--model-dir", str(first),
                        "--cross-fit", "mine", *TINY]) == 64  # cross-fitting trains the head
+    five = tmp_path / "five"  # a network reading 5 slices cannot teach one that reads 3
+    assert train_main(["--mrixfields", str(mrix_tree), "--out", str(five), "--steps", "1",
+                       "--checkpoint-every", "1", *TINY, "--n-slices", "5"]) == 0
+    assert train_main(["--mrixfields", str(mrix_tree), "--out", str(tmp_path / "z"),
+                       "--steps", "2", "--init-from", "mine", "--model-dir", str(first),
+                       "--head-only", "--cross-fit", "default", "--cross-fit-dir", str(five),
+                       *TINY]) == 65
 
 
 def test_finetune_on_bids_sessions(tmp_path):

@@ -366,8 +366,12 @@ def main(argv: list[str] | None = None) -> int:
                             protocol_condition=trainer.net.config.protocol_condition,
                             protocol_dropout=cfg.protocol_dropout)
 
-    trainer = Trainer(cfg, sampler_factory, args.out, val=val, init_net=init_net,
-                      error_net=error_net or None, log=_log)
+    try:
+        trainer = Trainer(cfg, sampler_factory, args.out, val=val, init_net=init_net,
+                          error_net=error_net or None, log=_log)
+    except ValueError as exc:  # a --cross-fit network that reads other inputs
+        print(f"synth7t-train: --cross-fit {args.cross_fit}: {exc}", file=sys.stderr)
+        return 65
     if args.resume:
         trainer.resume()
     _log(f"training {cfg.steps} steps, batch {cfg.batch_size}x{cfg.patch}^2, threads {cfg.threads}, "
