@@ -386,6 +386,12 @@ def test_cross_fit_head_learns_the_other_networks_error(tmp_path):
                 error_net=UNet25D(UNetConfig(n_slices=5, base=4)), log=lambda m: None)
 
 
+def test_icbm_weight_must_leave_a_brain_to_draw(tmp_path):
+    for w in ("0", "-1"):  # no --anatomies: ICBM152 is the only brain
+        assert train_main(["--simulated", "--icbm-weight", w, "--out", str(tmp_path / w),
+                           "--steps", "1", *TINY]) == 64
+
+
 def _saved_optimizer_state(ckpt_dir) -> dict:
     """The optimizer ``state_dict`` saved in a run's checkpoint folder (any ``*.pt`` holding a
     dict with ``state`` and ``param_groups``, at top level or under one key; extra keys and
