@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trainer = Trainer(cfg, sampler_factory, args.out, val=val, init_net=init_net,
-                          error_net=error_net or None, log=_log)
+                          error_net=error_net, log=_log)
     except ValueError as exc:  # a --cross-fit network that reads other inputs
         print(f"synth7t-train: --cross-fit {args.cross_fit}: {exc}", file=sys.stderr)
         return 65
