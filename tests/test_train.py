@@ -488,7 +488,7 @@ def mrix_tree(tmp_path):
     return root
 
 
-def test_train_export_load_and_finetune_on_mrixfields(tmp_path, mrix_tree):
+def test_train_export_load_and_finetune_on_mrixfields(tmp_path, mrix_tree, capsys):
     pairs = mrixfields_pairs(mrix_tree)
     assert len(pairs) == 2 and {p.field_bin for p in pairs} == {1.5}
 
@@ -567,6 +567,7 @@ def test_train_export_load_and_finetune_on_mrixfields(tmp_path, mrix_tree):
                        "--steps", "2", "--init-from", "mine", "--model-dir", str(first),
                        "--head-only", "--cross-fit", "default", "--cross-fit-dir", str(five),
                        *TINY]) == 65
+    assert "--cross-fit default: error_net reads other inputs" in capsys.readouterr().err
 
 
 def test_finetune_on_bids_sessions(tmp_path):

@@ -369,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, sampler_factory, args.out, val=val, init_net=init_net,
                           error_net=error_net, log=_log)
-    except ValueError as exc:  # a --cross-fit network that reads other inputs
-        print(f"synth7t-train: --cross-fit {args.cross_fit}: {exc}", file=sys.stderr)
+    except ValueError as exc:  # e.g. a --cross-fit network that reads other inputs
+        what = f"--cross-fit {args.cross_fit}: " if args.cross_fit else ""
+        print(f"synth7t-train: {what}{exc}", file=sys.stderr)
         return 65
     if args.resume:
         trainer.resume()
