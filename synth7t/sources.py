@@ -61,6 +61,15 @@ def source_protocol(params: dict | None) -> dict[str, float] | None:
     return protocol_values(((params or {}).get("source") or {}).get("protocol")) or None
 
 
+def tag_anatomy(tag: str) -> str:
+    """Base anatomy a simulated slab's :attr:`Slab.tag` names
+    (``"sim:t1w:bids_3t/sub-01+random:T1w:3:..."`` -> ``"t1w:bids_3t/sub-01"``; the names
+    themselves may hold colons); ``""`` for a slab that was not simulated."""
+    found = re.match(r"sim:(.+?)(?:\+random)?:(?:%s):" % "|".join(map(re.escape, CONTRASTS)),
+                     tag)
+    return found.group(1) if found else ""
+
+
 class SlabSource(Protocol):
     """Anything that can make new training slabs."""
 
@@ -668,6 +677,8 @@ class PatchSampler:
         self.data_seconds = 0.0
         self.log = log
         self._calls = 0
+        #: :attr:`Slab.tag` of each patch of the last :meth:`batch` (which brain it came from)
+        self.last_tags: list[str] = []
         while len(self.pool) < pool_size:
             self._add()
 
@@ -721,8 +732,10 @@ class PatchSampler:
         if self.refresh_every and self._calls % self.refresh_every == 0:
             self._add()
         xs, ys, ms, cs = [], [], [], []
+        self.last_tags = []
         for _ in range(batch_size):
             slab = self.pool[int(self.rng.integers(len(self.pool)))]
+            self.last_tags.append(slab.tag)
             x, y, m = self._patch(slab)
             xs.append(x)
             ys.append(y)

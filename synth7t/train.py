@@ -30,6 +30,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -48,6 +49,7 @@ from .registry import (ModelIntegrityError, Registry, RegistryError, read_verifi
 from .sources import (BIDS_TO_MRIX, MRIX_TO_BIDS, PairSpec, PatchSampler,  # noqa: F401
                       RandomAnatomies, SimulatorSource, Slab, SlabSource,  # noqa: F401
                       VolumePairSource, bids_pairs, crop_to_mask, mrixfields_pairs)  # noqa: F401
+from .sources import tag_anatomy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +273,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, sampler_factory: Callable[[np.random.Generator], PatchSampler],
                  out_dir: str | Path, *, val: list[Slab] | None = None,
-                 init_net: UNet25D | None = None, error_net: UNet25D | None = None,
+                 init_net: UNet25D | None = None,
+                 error_net: "UNet25D | Mapping[str, UNet25D] | None" = None,
                  log: Callable[[str], None] = print) -> None:
         from .inference import resolve_device
 
@@ -307,17 +310,21 @@ class Trainer:
                 raise ValueError("head_only needs a network with an uncertainty head")
             for name, prm in self.net.named_parameters():
                 prm.requires_grad_(name.startswith("unc_head."))
-        if error_net is not None and not config.head_only:
+        # one network for every patch, or one per base anatomy (a fold that never saw it)
+        folds = dict(error_net) if isinstance(error_net, Mapping) else (
+            {} if error_net is None else {"": error_net})
+        if folds and not config.head_only:
             raise ValueError("error_net (cross-fitting) trains only the head: set head_only")
-        if error_net is not None and (
-                error_net.config.n_cond != self.net.config.n_cond
-                or error_net.config.level_condition != self.net.config.level_condition
-                or error_net.config.input_levels != self.net.config.input_levels
-                or error_net.config.n_slices != self.net.config.n_slices):
-            raise ValueError("error_net reads other inputs or conditions than the trained network")
+        for other in folds.values():
+            if (other.config.n_cond != self.net.config.n_cond
+                    or other.config.level_condition != self.net.config.level_condition
+                    or other.config.input_levels != self.net.config.input_levels
+                    or other.config.n_slices != self.net.config.n_slices):
+                raise ValueError("error_net reads other inputs or conditions than the trained "
+                                 "network")
         self.net.to(self.device, memory_format=torch.channels_last).train()
-        self.error_net = (None if error_net is None else
-                          error_net.to(self.device, memory_format=torch.channels_last).eval())
+        self.error_nets = {k: v.to(self.device, memory_format=torch.channels_last).eval()
+                           for k, v in folds.items()}
         self.ema = copy.deepcopy(self.net).eval() if config.ema_decay > 0 else None
         self.opt = torch.optim.AdamW([q for q in self.net.parameters() if q.requires_grad],
                                      lr=config.lr, weight_decay=config.weight_decay)
@@ -407,9 +414,28 @@ class Trainer:
         self.log(f"val step {self.step}: " + " ".join(f"{k}={v:.4f}" for k, v in mean.items()))
         return res
 
-    def compute_loss(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict]:
+    def _cross_fit_reference(self, x: torch.Tensor, c: torch.Tensor,
+                             tags: list[str] | None) -> torch.Tensor:
+        """The cross-fit networks' prediction of the batch: each patch from the network that
+        never saw its base anatomy (``tags``: the patches' :attr:`Slab.tag`)."""
+        if "" in self.error_nets:
+            return self.error_nets[""](x, c)
+        names = [tag_anatomy(t) for t in (tags or [])]
+        if len(names) != x.shape[0] or any(n not in self.error_nets for n in names):
+            missing = sorted({n for n in names if n not in self.error_nets}) or ["(no tags)"]
+            raise RuntimeError(f"no cross-fit network for the anatomies {missing}")
+        ref = torch.empty_like(x[:, :1])
+        for name, other in self.error_nets.items():
+            idx = [i for i, n in enumerate(names) if n == name]
+            if idx:
+                ref[idx] = other(x[idx], c[idx])
+        return ref
+
+    def compute_loss(self, batch: tuple[torch.Tensor, ...], *,
+                     tags: list[str] | None = None) -> tuple[torch.Tensor, dict]:
         """Loss of one sampler batch ``(x, y, mask, cond)`` and its logged parts (``l1``,
-        ``ssim``, ``nll``). A hook: :mod:`synth7t.pretrain` overrides it with its
+        ``ssim``, ``nll``); ``tags``, the patches' :attr:`Slab.tag`, pick each patch's
+        cross-fit network. A hook: :mod:`synth7t.pretrain` overrides it with its
         masked-image-modelling objective."""
         x, y, m, c = batch
         x = x.contiguous(memory_format=torch.channels_last)
@@ -417,9 +443,9 @@ class Trainer:
             pred, b = self.net.forward_with_uncertainty(x, c)
             pred = pred * m
             loss, parts = synthesis_loss(pred, y)
-            if self.error_net is not None:
+            if self.error_nets:
                 with torch.no_grad():
-                    ref = self.error_net(x, c) * m
+                    ref = self._cross_fit_reference(x, c, tags) * m
                 nll = laplace_nll(ref, b, y, m)
             else:
                 nll = laplace_nll(pred, b, y, m)
@@ -448,7 +474,8 @@ class Trainer:
             for g in self.opt.param_groups:
                 g["lr"] = cfg.lr_at(self.step)
             batch = tuple(t.to(self.device) for t in self.sampler.batch(cfg.batch_size))
-            loss, parts = self.compute_loss(batch)
+            loss, parts = (self.compute_loss(batch, tags=self.sampler.last_tags)
+                           if self.error_nets else self.compute_loss(batch))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)

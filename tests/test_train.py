@@ -1,6 +1,7 @@
 """synth7t.train / synth7t-train on tiny generated fixtures (seconds, CPU, 1 thread)."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import nibabel as nib
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from synth7t.commands.train import main as train_main
+from synth7t.commands.train import _cross_fit_net, main as train_main
 from synth7t.inference import UNetSynthesizer, load_synthesizer
 from synth7t.registry import Registry, sha256_file
 from synth7t.sources import VolumePairSource
@@ -386,6 +387,61 @@ def test_cross_fit_head_learns_the_other_networks_error(tmp_path):
                 error_net=UNet25D(UNetConfig(n_slices=5, base=4)), log=lambda m: None)
 
 
+class _TaggedPhantomSource(_PhantomSource):
+    def __init__(self, tag):
+        self.tag = tag
+
+    def make(self, rng):
+        s, t, m = _phantom(int(rng.integers(1000)))
+        return [Slab(s, t, m, "T1w", 1.5, tag=self.tag)]
+
+
+def test_cross_fit_per_brain_takes_each_patch_from_the_fold_that_never_saw_it(tmp_path):
+    """With one network per base anatomy, each patch's reference is its own brain's fold
+    (anatomy names may hold colons, as ``t1w:bids_3t/sub-01`` does)."""
+    from synth7t.networks import UNet25D, UNetConfig
+    from synth7t.sources import tag_anatomy
+    from synth7t.train import laplace_nll
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=1, batch_size=6, patch=32, n_slices=3, base=4, lr=1e-2, warmup=1,
+                      pool_size=4, refresh_every=0, checkpoint_every=0, val_slabs=0, seed=0,
+                      head_only=True, cross_fit="fold")
+    tags = ["sim:t1w:bids_3t/sub-01+random:T1w:1.5:seed1:0-8", "sim:brain-b:T1w:1.5:seed2:0-8"]
+    assert [tag_anatomy(t) for t in tags] == ["t1w:bids_3t/sub-01", "brain-b"]
+
+    def factory(rng):
+        return PatchSampler([(_TaggedPhantomSource(t), 1.0) for t in tags], rng, n_slices=3,
+                            patch=32, pool_size=4, refresh_every=0)
+
+    folds = {}
+    for name in ("t1w:bids_3t/sub-01", "brain-b"):
+        folds[name] = UNet25D(UNetConfig(n_slices=3, base=4))
+        with torch.no_grad():
+            for prm in folds[name].parameters():
+                prm.add_(0.2 * torch.randn_like(prm))
+    net = UNet25D(UNetConfig(n_slices=3, base=4, uncertainty=True))
+    trainer = Trainer(cfg, factory, tmp_path, init_net=net, error_net=folds, log=lambda m: None)
+    sampler = factory(np.random.default_rng(3))
+    x, y, m, c = sampler.batch(6)
+    names = [tag_anatomy(t) for t in sampler.last_tags]
+    assert len(set(names)) == 2  # both brains in the batch
+    _, parts = trainer.compute_loss((x, y, m, c), tags=sampler.last_tags)
+    with torch.no_grad():
+        _, b = trainer.net.forward_with_uncertainty(x, c)
+        ref = torch.cat([folds[n](x[i:i + 1], c[i:i + 1]) for i, n in enumerate(names)]) * m
+        swapped = {n: folds[names[0]] for n in names}  # every patch from one fold
+        wrong = torch.cat([swapped[n](x[i:i + 1], c[i:i + 1]) for i, n in enumerate(names)]) * m
+        expected = float(laplace_nll(ref, b, y, m))
+        mixed = float(laplace_nll(wrong, b, y, m))
+    assert parts["nll"] == pytest.approx(expected, rel=1e-5)
+    assert abs(expected - mixed) > 1e-4 * abs(expected)  # the pairing is what is checked
+    with pytest.raises(RuntimeError, match="brain-b"):  # a brain without its fold
+        Trainer(cfg, factory, tmp_path / "x", init_net=net,
+                error_net={"t1w:bids_3t/sub-01": folds["t1w:bids_3t/sub-01"]},
+                log=lambda m: None).compute_loss((x, y, m, c), tags=sampler.last_tags)
+
+
 def test_icbm_weight_must_leave_a_brain_to_draw(tmp_path):
     for w in ("0", "-1"):  # no --anatomies: ICBM152 is the only brain
         assert train_main(["--simulated", "--icbm-weight", w, "--out", str(tmp_path / w),
@@ -568,6 +624,27 @@ def test_train_export_load_and_finetune_on_mrixfields(tmp_path, mrix_tree, capsy
                        "--head-only", "--cross-fit", "default", "--cross-fit-dir", str(five),
                        *TINY]) == 65
     assert "--cross-fit default: error_net reads other inputs" in capsys.readouterr().err
+    # one fold per --anatomies brain: read each brain's name, load each folder's network
+    npz = [tmp_path / "a.npz", tmp_path / "b.npz"]
+    for path, name in zip(npz, ("t1w:x/sub-a", "brain-b")):
+        np.savez(path, name=name)
+    desc: list[str] = []
+    nets = _cross_fit_net(argparse.Namespace(cross_fit="default", cross_fit_dir=[first, five],
+                                             anatomies=npz), desc)
+    from synth7t.train import load_registry_unet
+
+    want = {n: load_registry_unet("default", model_dir=d).config
+            for n, d in (("t1w:x/sub-a", first), ("brain-b", five))}
+    assert want["t1w:x/sub-a"] != want["brain-b"]  # two different networks, each where it belongs
+    assert {k: v.config for k, v in nets.items()} == want
+    assert f"brain-b <- {five}" in desc[0]
+    for extra in ([], ["--icbm-weight", "1", "--anatomies", *map(str, npz)]):
+        assert train_main(["--simulated", "--out", str(tmp_path / "w"), "--steps", "1",
+                           "--init-from", "mine", "--model-dir", str(first), "--head-only",
+                           "--cross-fit", "default", "--cross-fit-dir", str(first), str(five),
+                           "--icbm-weight", "0", "--anatomies", str(npz[0]), *extra,
+                           *TINY]) == 64  # a folder per brain, and no ICBM152 patches
+    assert "one --anatomies brain" in capsys.readouterr().err
 
 
 def test_finetune_on_bids_sessions(tmp_path):

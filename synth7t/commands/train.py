@@ -129,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(from --cross-fit-dir), a network never trained on the --anatomies "
                         "the patches come from, instead of the network's own errors on brains "
                         "it has fitted (use with --icbm-weight 0 when NAME saw ICBM152)")
-    m.add_argument("--cross-fit-dir", type=Path, help="registry folder of --cross-fit")
+    m.add_argument("--cross-fit-dir", type=Path, nargs="+", metavar="DIR",
+                   help="registry folder of --cross-fit; or one folder per --anatomies brain, "
+                        "in the same order (with --icbm-weight 0): each brain's patches then "
+                        "take the errors of the NAME in its folder, a fold never trained on "
+                        "that brain")
     m.add_argument("--level-weight", type=float, default=0.5,
                    help="weight of the tissue-level loss (relative error of 4 mm block means; "
                         "0: off, as for models before 2.2.0)")
@@ -197,12 +201,27 @@ def _init_net(args, data_desc: list[str]):
 
 
 def _cross_fit_net(args, data_desc: list[str]):
-    """The ``--cross-fit`` network (its errors teach the head), None without it, False on
-    error; :class:`synth7t.train.Trainer` checks that it reads the same input and conditions."""
-    return _registry_net(args.cross_fit, args.cross_fit_dir, data_desc,
-                         f"the head learns the errors of registry model {args.cross_fit!r} "
-                         "(cross-fitting: a network never trained on these anatomies)",
-                         flag="--cross-fit: ")
+    """The ``--cross-fit`` network (its errors teach the head), or ``{anatomy name: network}``
+    with one ``--cross-fit-dir`` per ``--anatomies`` brain; None without it, False on error.
+    :class:`synth7t.train.Trainer` checks that each reads the same input and conditions."""
+    dirs = args.cross_fit_dir or [None]
+    if len(dirs) == 1:
+        return _registry_net(args.cross_fit, dirs[0], data_desc,
+                             f"the head learns the errors of registry model {args.cross_fit!r} "
+                             "(cross-fitting: a network never trained on these anatomies)",
+                             flag="--cross-fit: ")
+    nets = {}
+    for npz, folder in zip(args.anatomies, dirs):
+        with np.load(str(npz), allow_pickle=False) as z:
+            name = str(z["name"])
+        net = _registry_net(args.cross_fit, folder, [], "", flag=f"--cross-fit-dir {folder}: ")
+        if net is False:
+            return False
+        nets[name] = net
+    data_desc.append(f"the head learns, on each brain, the errors of registry model "
+                     f"{args.cross_fit!r} from a fold never trained on it (cross-fitting: "
+                     + "; ".join(f"{n} <- {d}" for n, d in zip(nets, dirs)) + ")")
+    return nets
 
 
 def _log(msg: str) -> None:
@@ -239,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cross_fit and not args.head_only:
         print("synth7t-train: --cross-fit trains the uncertainty head alone: add --head-only",
               file=sys.stderr)
+        return 64
+    folds = args.cross_fit_dir or []
+    if len(folds) > 1 and (len(folds) != len(args.anatomies) or args.icbm_weight != 0):
+        print(f"synth7t-train: --cross-fit-dir: {len(folds)} folders need one --anatomies brain "
+              f"each ({len(args.anatomies)} given) and --icbm-weight 0 (ICBM152's patches have "
+              "no fold)", file=sys.stderr)
         return 64
     if args.icbm_weight < 0 or (args.icbm_weight == 0 and not args.anatomies):
         print(f"synth7t-train: --icbm-weight {args.icbm_weight}: needs >= 0, and > 0 without "
