@@ -38,9 +38,12 @@ def _phantom(seed: int, shape=SHAPE, *, shift: int = 0):
 
 
 class _PhantomSource:
+    def __init__(self, tag: str = ""):
+        self.tag = tag
+
     def make(self, rng):
         s, t, m = _phantom(int(rng.integers(1000)))
-        return [Slab(s, t, m, "T1w", 1.5)]
+        return [Slab(s, t, m, "T1w", 1.5, tag=self.tag)]
 
 
 def _save(arr, path):
@@ -387,15 +390,6 @@ def test_cross_fit_head_learns_the_other_networks_error(tmp_path):
                 error_net=UNet25D(UNetConfig(n_slices=5, base=4)), log=lambda m: None)
 
 
-class _TaggedPhantomSource(_PhantomSource):
-    def __init__(self, tag):
-        self.tag = tag
-
-    def make(self, rng):
-        s, t, m = _phantom(int(rng.integers(1000)))
-        return [Slab(s, t, m, "T1w", 1.5, tag=self.tag)]
-
-
 def test_cross_fit_per_brain_takes_each_patch_from_the_fold_that_never_saw_it(tmp_path):
     """With one network per base anatomy, each patch's reference is its own brain's fold
     (anatomy names may hold colons, as ``t1w:bids_3t/sub-01`` does)."""
@@ -411,7 +405,7 @@ def test_cross_fit_per_brain_takes_each_patch_from_the_fold_that_never_saw_it(tm
     assert [tag_anatomy(t) for t in tags] == ["t1w:bids_3t/sub-01", "brain-b"]
 
     def factory(rng):
-        return PatchSampler([(_TaggedPhantomSource(t), 1.0) for t in tags], rng, n_slices=3,
+        return PatchSampler([(_PhantomSource(t), 1.0) for t in tags], rng, n_slices=3,
                             patch=32, pool_size=4, refresh_every=0)
 
     folds = {}
